@@ -1,0 +1,148 @@
+r"""Writes a synthetic driving world as a nuScenes dataroot.
+
+  python -m data_prep.make_synthetic --out=/tmp/nuscenes_synth --num_scenes=10 --seed=0
+
+The result loads with the official nuscenes-devkit (NuScenes(version, dataroot)); the train/val
+split is `<out>/<version>/splits.json` (devkit custom splits, named 'train' and 'val').
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import time
+
+import numpy as np
+from absl import app, flags
+
+from data_prep.synthetic import mapexp, rig, tables
+from data_prep.synthetic.simulate import Settings, cached_town, location_index, scene_name, simulate_scene
+from data_prep.synthetic.world_io import WORLD_FILE, write_world_file
+
+_TABLE_ORDER = ('attribute', 'calibrated_sensor', 'category', 'ego_pose', 'instance', 'log', 'map',
+                'sample', 'sample_annotation', 'sample_data', 'scene', 'sensor', 'visibility')
+
+
+def _check(cond: bool, flag: str, value, why: str) -> None:
+  if not cond:
+    raise ValueError(f'make_synthetic: invalid {flag}={value!r}: {why}')
+
+
+def _scene_job(args):
+  out, settings, index = args
+  return simulate_scene(out, settings, index)
+
+
+def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_scene: int = 40,
+             sweeps_per_frame: int = 9, image_width: int = 800, image_height: int = 450,
+             seed: int = 0, workers: int = 1, overwrite: bool = False,
+             version: str = 'v1.0-trainval', log=None) -> str:
+  """Writes the world to `out` (a nuScenes dataroot: <out>/<version>/*.json tables, samples/,
+  sweeps/, maps/, maps/expansion/*.json, <out>/<version>/splits.json) and returns `out`.
+
+  The last `val_scenes` scenes form the 'val' split. Output bytes depend only on the arguments
+  other than `workers` and `log` (a callable taking a message string).
+  """
+  _check(isinstance(num_scenes, int) and num_scenes >= 1, 'num_scenes', num_scenes, 'need >= 1')
+  _check(isinstance(val_scenes, int) and 0 <= val_scenes < num_scenes, 'val_scenes', val_scenes,
+         f'need 0 <= val_scenes < num_scenes ({num_scenes})')
+  _check(isinstance(frames_per_scene, int) and frames_per_scene >= 1, 'frames_per_scene',
+         frames_per_scene, 'need >= 1')
+  _check(isinstance(sweeps_per_frame, int) and 0 <= sweeps_per_frame <= 49, 'sweeps_per_frame',
+         sweeps_per_frame, 'need 0..49')
+  _check(isinstance(image_width, int) and 16 <= image_width <= 4000, 'image_width', image_width,
+         'need 16..4000')
+  _check(isinstance(image_height, int) and 16 <= image_height <= 4000, 'image_height', image_height,
+         'need 16..4000')
+  _check(isinstance(seed, int) and seed >= 0, 'seed', seed, 'need an integer >= 0')
+  _check(isinstance(workers, int) and workers >= 1, 'workers', workers, 'need >= 1')
+  _check(isinstance(version, str) and version.startswith('v1.0-') and '/' not in version, 'version',
+         version, "need 'v1.0-<name>'")
+  _check(bool(out), 'out', out, 'need a directory')
+  log = log or (lambda msg: None)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if not overwrite:
+      raise FileExistsError(f'make_synthetic: --out={out} exists and is not empty; pass --overwrite '
+                            'to replace it')
+    if os.path.isdir(out) and not os.path.exists(os.path.join(out, WORLD_FILE)):
+      raise FileExistsError(f'make_synthetic: refusing to overwrite {out}: it was not written by '
+                            f'make_synthetic (no {WORLD_FILE})')
+    shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+  os.makedirs(out, exist_ok=True)
+
+  settings = Settings(seed, num_scenes, val_scenes, frames_per_scene, sweeps_per_frame,
+                      image_width, image_height)
+  start = time.time()
+  jobs = [(out, settings, i) for i in range(num_scenes)]
+  if workers == 1 or num_scenes == 1:
+    results = []
+    for job in jobs:
+      results.append(_scene_job(job))
+      log(f'scene {job[2] + 1}/{num_scenes} done ({time.time() - start:.1f}s)')
+  else:
+    with multiprocessing.get_context('spawn').Pool(min(workers, num_scenes)) as pool:
+      results = pool.map(_scene_job, jobs, chunksize=1)
+
+  all_rows = {name: [] for name in _TABLE_ORDER}
+  for rows in results:
+    for name, r in rows.items():
+      all_rows[name].extend(r)
+  all_rows['sensor'] = tables.sensor_rows()
+  all_rows['category'] = tables.category_rows()
+  all_rows['attribute'] = tables.attribute_rows()
+  all_rows['visibility'] = tables.visibility_rows()
+
+  # Maps: one town per location in use; every location gets an expansion file.
+  os.makedirs(os.path.join(out, 'maps', 'expansion'), exist_ok=True)
+  used = sorted({location_index(seed, i) for i in range(num_scenes)})
+  for loc, location in enumerate(rig.LOCATIONS):
+    path = os.path.join(out, 'maps', 'expansion', f'{location}.json')
+    if loc not in used:
+      mapexp.write_map_json(path, mapexp.empty_map(location))
+      continue
+    town = cached_town(seed, loc)
+    mapexp.write_map_json(path, mapexp.town_map(town, seed))
+    map_tok = tables.token(seed, 'map', location)
+    png = f'maps/{map_tok}.png'
+    mapexp.write_map_png(os.path.join(out, png), town)
+    logs = [r['token'] for r in all_rows['log'] if r['location'] == location]
+    all_rows['map'].append(dict(token=map_tok, log_tokens=logs, category='semantic_prior',
+                                filename=png))
+
+  root = os.path.join(out, version)
+  tables.write_tables(root, all_rows)
+  names = [scene_name(seed, i) for i in range(num_scenes)]
+  split = num_scenes - val_scenes
+  tables.write_table(os.path.join(root, 'splits.json'), dict(train=names[:split], val=names[split:]))
+  write_world_file(out, settings, names)
+  log(f'wrote {num_scenes * frames_per_scene} key frames to {out} in {time.time() - start:.1f}s')
+  return out
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('out', None, 'Output nuScenes dataroot (must be empty or absent).')
+flags.DEFINE_integer('num_scenes', 10, 'Number of scenes (20 s each at the default frames).')
+flags.DEFINE_integer('val_scenes', 2, "Scenes (the last ones) in the 'val' split.")
+flags.DEFINE_integer('frames_per_scene', 40, 'Key frames per scene (2 Hz).')
+flags.DEFINE_integer('sweeps_per_frame', 9, 'Non-key LiDAR sweeps between key frames (nuScenes: 9).')
+flags.DEFINE_integer('image_width', 800, 'Camera image width in pixels.')
+flags.DEFINE_integer('image_height', 450, 'Camera image height in pixels.')
+flags.DEFINE_integer('seed', 0, 'World seed: same seed, byte-identical output.')
+flags.DEFINE_integer('workers', 1, 'Worker processes (one scene each at a time).')
+flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out written by this tool.')
+flags.DEFINE_string('version', 'v1.0-trainval', 'nuScenes version directory name.')
+
+
+def main(argv):
+  del argv
+  if not FLAGS.out:
+    raise app.UsageError('--out is required')
+  generate(FLAGS.out, num_scenes=FLAGS.num_scenes, val_scenes=FLAGS.val_scenes,
+           frames_per_scene=FLAGS.frames_per_scene, sweeps_per_frame=FLAGS.sweeps_per_frame,
+           image_width=FLAGS.image_width, image_height=FLAGS.image_height, seed=FLAGS.seed,
+           workers=FLAGS.workers, overwrite=FLAGS.overwrite, version=FLAGS.version, log=print)
+
+
+if __name__ == '__main__':
+  app.run(main)

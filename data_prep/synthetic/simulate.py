@@ -1,0 +1,219 @@
+"""One scene end to end: simulate its sensors, write its files, return its table rows.
+
+Runs in a worker process; everything is a function of (seed, scene index, settings), so the
+output does not depend on which worker ran it or in which order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from data_prep.synthetic import rig, sensors
+from data_prep.synthetic.tables import token
+from data_prep.synthetic.town import build_town
+from data_prep.synthetic.traffic import build_scene
+
+T0_US = 1_533_000_000_000_000  # 2018-07-31, like the real logs
+SCENE_GAP_US = 3_600_000_000
+KEY_PERIOD_US = 500_000
+ANNOTATION_RANGE = 60.0  # metres from the ego: objects annotated at a key frame
+JPEG_QUALITY = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  seed: int
+  num_scenes: int
+  val_scenes: int
+  frames_per_scene: int
+  sweeps_per_frame: int
+  image_width: int
+  image_height: int
+
+
+def scene_name(seed: int, index: int) -> str:
+  # Official names are scene-NNNN; these cannot collide with them.
+  return f'synth-{seed}-{index:04d}'
+
+
+def location_index(seed: int, index: int) -> int:
+  return (seed + index) % len(rig.LOCATIONS)
+
+
+def sweep_times_us(settings: Settings, index: int) -> list:
+  """LiDAR timestamps of the scene: sweeps_per_frame lead-in sweeps, then key frames with
+  sweeps_per_frame sweeps between consecutive ones."""
+  s = settings.sweeps_per_frame
+  n = s + (settings.frames_per_scene - 1) * (s + 1) + 1
+  t0 = T0_US + index * SCENE_GAP_US
+  return [t0 + int(round(k * KEY_PERIOD_US / (s + 1))) for k in range(n)]
+
+
+@functools.lru_cache(maxsize=4)
+def cached_town(seed: int, loc: int):
+  return build_town(seed, loc)
+
+
+def build_world(settings: Settings, index: int) -> sensors.World:
+  """The scene's world, reconstructed from (seed, scene index)."""
+  town = cached_town(settings.seed, location_index(settings.seed, index))
+  times = sweep_times_us(settings, index)
+  duration = (times[-1] - times[0] + rig.LIDAR_PERIOD_US) / 1e6 + 1.0
+  return sensors.World(town, build_scene(town, settings.seed, index, duration))
+
+
+def scene_time(settings: Settings, index: int, t_us: int) -> float:
+  """Simulation time in seconds of an absolute timestamp."""
+  return (t_us - (T0_US + index * SCENE_GAP_US)) / 1e6
+
+
+def _pose_row(tok, rot, trans, t_us):
+  return dict(token=tok, translation=[float(v) for v in trans],
+              rotation=rig.quaternion_from_matrix(rot), timestamp=int(t_us))
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(rgb).save(buf, format='JPEG', quality=JPEG_QUALITY)
+  return buf.getvalue()
+
+
+def simulate_scene(out: str, settings: Settings, index: int) -> dict:
+  """Simulates scene `index`, writes its sample/sweep files under `out`, returns its table rows
+  (dict table name -> list of rows)."""
+  from nuscenes.utils.data_classes import Box  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.geometry_utils import points_in_box  # pylint: disable=import-outside-toplevel
+  from pyquaternion import Quaternion  # pylint: disable=import-outside-toplevel
+
+  seed = settings.seed
+  world = build_world(settings, index)
+  name = scene_name(seed, index)
+  key = f'{seed}/{index}'
+  rows = {k: [] for k in ('log', 'scene', 'sample', 'sample_data', 'ego_pose', 'calibrated_sensor',
+                          'instance', 'sample_annotation')}
+  loc = location_index(seed, index)
+  log_tok = token(key, 'log')
+  rows['log'].append(dict(token=log_tok, logfile=f'{name}-log', vehicle='synth-car',
+                          date_captured='2018-07-31', location=rig.LOCATIONS[loc]))
+  calib = {}
+  lidar_rot = rig.rot_z(math.radians(rig.LIDAR_YAW_DEG))
+  calib[rig.LIDAR] = dict(token=token(key, 'calib', rig.LIDAR), sensor_token=token('sensor', rig.LIDAR),
+                          translation=list(rig.LIDAR_TRANSLATION),
+                          rotation=rig.quaternion_from_matrix(lidar_rot), camera_intrinsic=[])
+  for ch in rig.CAMERAS:
+    k = rig.camera_intrinsic(ch, settings.image_width, settings.image_height)
+    calib[ch] = dict(token=token(key, 'calib', ch), sensor_token=token('sensor', ch),
+                     translation=list(rig.CAMERA_RIG[ch][1]),
+                     rotation=rig.quaternion_from_matrix(rig.camera_rotation(ch)),
+                     camera_intrinsic=[[float(v) for v in r] for r in k])
+  rows['calibrated_sensor'] = list(calib.values())
+
+  times = sweep_times_us(settings, index)
+  s = settings.sweeps_per_frame
+  key_sweeps = [s + f * (s + 1) for f in range(settings.frames_per_scene)]
+  sample_toks = [token(key, 'sample', f) for f in range(settings.frames_per_scene)]
+  scene_tok = token(key, 'scene')
+  for f, tok in enumerate(sample_toks):
+    rows['sample'].append(dict(token=tok, timestamp=times[key_sweeps[f]], scene_token=scene_tok,
+                               prev=sample_toks[f - 1] if f else '',
+                               next=sample_toks[f + 1] if f + 1 < len(sample_toks) else ''))
+  rows['scene'].append(dict(token=scene_tok, log_token=log_tok, nbr_samples=len(sample_toks),
+                            first_sample_token=sample_toks[0], last_sample_token=sample_toks[-1],
+                            name=name, description=f'synthetic drive in {rig.LOCATIONS[loc]}'))
+
+  # LiDAR: every sweep, chained by prev/next; key frames in samples/, the rest in sweeps/.
+  lidar_toks = [token(key, 'lidar', n) for n in range(len(times))]
+  key_hits = {}
+  for d in ('samples', 'sweeps'):
+    for ch in (rig.LIDAR,) + (rig.CAMERAS if d == 'samples' else ()):
+      os.makedirs(os.path.join(out, d, ch), exist_ok=True)
+  for n, t_us in enumerate(times):
+    t = scene_time(settings, index, t_us)
+    points, hits, boxes = sensors.lidar_sweep(world, t, np.random.default_rng([seed, index, n]))
+    is_key = n in key_sweeps
+    f = key_sweeps.index(n) if is_key else min(n // (s + 1), settings.frames_per_scene - 1)
+    fname = f"{'samples' if is_key else 'sweeps'}/{rig.LIDAR}/{name}__{rig.LIDAR}__{t_us}.pcd.bin"
+    points.tofile(os.path.join(out, fname))
+    r_ego, t_ego = world.ego_matrix(t)
+    rows['ego_pose'].append(_pose_row(lidar_toks[n], r_ego, t_ego, t_us))
+    rows['sample_data'].append(dict(
+        token=lidar_toks[n], sample_token=sample_toks[f], ego_pose_token=lidar_toks[n],
+        calibrated_sensor_token=calib[rig.LIDAR]['token'], timestamp=t_us, fileformat='pcd',
+        is_key_frame=is_key, height=0, width=0, filename=fname,
+        prev=lidar_toks[n - 1] if n else '', next=lidar_toks[n + 1] if n + 1 < len(times) else ''))
+    if is_key:
+      key_hits[f] = (points, hits, boxes, rows['ego_pose'][-1])
+
+  # Cameras: one image per key frame, fired as the LiDAR spin passes the camera.
+  for ch in rig.CAMERAS:
+    toks = [token(key, ch, f) for f in range(settings.frames_per_scene)]
+    for f in range(settings.frames_per_scene):
+      t_us = times[key_sweeps[f]] + rig.camera_offset_us(ch)
+      t = scene_time(settings, index, t_us)
+      rgb, _ = sensors.camera_render(world, ch, t, settings.image_width, settings.image_height)
+      fname = f'samples/{ch}/{name}__{ch}__{t_us}.jpg'
+      with open(os.path.join(out, fname), 'wb') as fh:
+        fh.write(_jpeg(rgb))
+      r_ego, t_ego = world.ego_matrix(t)
+      rows['ego_pose'].append(_pose_row(toks[f], r_ego, t_ego, t_us))
+      rows['sample_data'].append(dict(
+          token=toks[f], sample_token=sample_toks[f], ego_pose_token=toks[f],
+          calibrated_sensor_token=calib[ch]['token'], timestamp=t_us, fileformat='jpg',
+          is_key_frame=True, height=settings.image_height, width=settings.image_width,
+          filename=fname, prev=toks[f - 1] if f else '',
+          next=toks[f + 1] if f + 1 < settings.frames_per_scene else ''))
+
+  # Annotations: objects within range at a key frame, tracks contiguous from first to last.
+  objects = world.scene.objects
+  nframes = settings.frames_per_scene
+  in_range = np.zeros((nframes, len(objects)), bool)
+  for f in range(nframes):
+    _, _, boxes, pose = key_hits[f]
+    obj = boxes.instance >= 0
+    d = np.hypot(boxes.centre[obj, 0] - pose['translation'][0], boxes.centre[obj, 1] - pose['translation'][1])
+    in_range[f, boxes.instance[obj][d < ANNOTATION_RANGE]] = True
+  cs = calib[rig.LIDAR]
+  for i in np.nonzero(in_range.any(0))[0]:
+    frames = np.nonzero(in_range[:, i])[0]
+    span = range(int(frames[0]), int(frames[-1]) + 1)
+    o = objects[i]
+    inst_tok = token(key, 'instance', i)
+    ann_toks = [token(key, 'ann', i, f) for f in span]
+    for j, f in enumerate(span):
+      points, hits, boxes, pose = key_hits[f]
+      b = int(np.nonzero(boxes.instance == i)[0][0])
+      translation = [float(v) for v in boxes.centre[b]]
+      size = [float(v) for v in boxes.size[b]]
+      rotation = [float(v) for v in rig.yaw_quaternion(float(boxes.yaw[b]))]
+      # num_lidar_pts exactly as the devkit counts it on the stored key-frame sweep.
+      box = Box(translation, size, Quaternion(rotation))
+      box.translate(-np.array(pose['translation']))
+      box.rotate(Quaternion(pose['rotation']).inverse)
+      box.translate(-np.array(cs['translation']))
+      box.rotate(Quaternion(cs['rotation']).inverse)
+      npts = int(points_in_box(box, points[:, :3].T).sum())
+      seen = int((hits.hit == b).sum())
+      frac = seen / hits.box_any[b] if hits.box_any[b] else 0.0
+      vis = '1' if frac < 0.4 else '2' if frac < 0.6 else '3' if frac < 0.8 else '4'
+      attr = o.attribute
+      if attr == 'vehicle.moving' and not np.any(boxes.velocity[b]):
+        attr = 'vehicle.stopped'
+      if attr == 'pedestrian.moving' and not np.any(boxes.velocity[b]):
+        attr = 'pedestrian.standing'
+      rows['sample_annotation'].append(dict(
+          token=ann_toks[j], sample_token=sample_toks[f], instance_token=inst_tok,
+          visibility_token=vis, attribute_tokens=[token('attribute', attr)] if attr else [],
+          translation=translation, size=size, rotation=rotation,
+          prev=ann_toks[j - 1] if j else '', next=ann_toks[j + 1] if j + 1 < len(ann_toks) else '',
+          num_lidar_pts=npts, num_radar_pts=0))
+    rows['instance'].append(dict(token=inst_tok, category_token=token('category', rig.CLASSES[o.cls][0]),
+                                 nbr_annotations=len(ann_toks), first_annotation_token=ann_toks[0],
+                                 last_annotation_token=ann_toks[-1]))
+  return rows
