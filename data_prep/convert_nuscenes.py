@@ -40,14 +40,17 @@ _OFFICIAL = {'v1.0-trainval': {'train': 'train', 'val': 'val'},
 
 
 def scene_splits(nusc, dataroot: str, version: str) -> dict[str, list[str]]:
-  """{split: [scene names]} from <dataroot>/splits.json if present, else the official splits.
+  """{split: [scene names]} from a custom splits.json if present, else the official splits.
 
-  splits.json is {"train": [scene names], "val": [...]} (the synthetic world writes one).
+  splits.json ({"train": [scene names], "val": [...]}, the devkit's custom-split layout) is
+  looked for in <dataroot>/<version>/ (where the synthetic world writes it), then <dataroot>/.
   Scenes of a split that the dataroot does not hold are an error for a custom split and are
   left out of an official one only when none of them are there (e.g. `test` on trainval).
   """
   present = {scene['name'] for scene in nusc.scene}
-  path = os.path.join(dataroot, 'splits.json')
+  candidates = [os.path.join(dataroot, version, 'splits.json'),
+                os.path.join(dataroot, 'splits.json')]
+  path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
   if os.path.isfile(path):
     with open(path) as f:
       splits = json.load(f)
