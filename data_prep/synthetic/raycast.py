@@ -176,7 +176,7 @@ def camera_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, cam2global
   za, zb = a[..., 2], b[..., 2]
   crossing = (za > near) != (zb > near)
   with np.errstate(divide='ignore', invalid='ignore'):
-    f = (near - za) / (zb - za)
+    f = np.where(crossing, (near - za) / np.where(crossing, zb - za, 1.0), 0.0)
   clip = a + f[..., None] * (b - a)
   cand = np.concatenate([pts, clip], 1)
   valid = np.concatenate([front, crossing], 1)

@@ -19,7 +19,7 @@ from data_prep.synthetic.traffic import Scene
 SUN = np.array([0.45, 0.3, 0.84]) / np.linalg.norm([0.45, 0.3, 0.84])
 HORIZON = np.array([0.80, 0.85, 0.90], np.float32)
 ZENITH = np.array([0.40, 0.56, 0.85], np.float32)
-CAMERA_RANGE = 200.0
+CAMERA_RANGE = 130.0
 BOX_PUSH = 0.04  # LiDAR hits on boxes are moved this far inside so points_in_box counts them
 
 
@@ -94,7 +94,8 @@ def camera_render(world: World, channel: str, t: float, width: int, height: int)
   u = (np.arange(width) + 0.5 - k[0, 2]) / k[0, 0]
   v = (np.arange(height) + 0.5 - k[1, 2]) / k[1, 1]
   d_cam = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((1, 1))), -1)
-  dirs = d_cam @ rot.T  # [H, W, 3] global, unit optical-axis component: t is z-depth
+  # [H, W, 3] global, unit optical-axis component so t is z-depth; float32 halves the cost.
+  dirs = (d_cam @ rot.T).astype(np.float32)
   boxes = world.boxes_at(t)
   index = raycast.near_boxes(boxes, origin, CAMERA_RANGE)
   spans = raycast.camera_spans(boxes, index, origin, rot, k, width, height)
@@ -105,11 +106,11 @@ def camera_render(world: World, channel: str, t: float, width: int, height: int)
 
 def shade(town: Town, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray, hits) -> np.ndarray:
   """Colour [R, C, 3] in 0-1 of every ray: textured ground, patterned boxes, sky, light fog."""
-  unit = dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
-  elev = np.clip(unit[..., 2], 0.0, 1.0)[..., None]
+  norm = np.sqrt(np.einsum('...k,...k->...', dirs, dirs))
+  elev = np.clip(dirs[..., 2] / norm, 0.0, 1.0)[..., None]
   out = HORIZON * (1 - elev) + ZENITH * elev
-  t = np.where(np.isfinite(hits.t), hits.t, 0.0)
-  p = origin + t[..., None] * dirs
+  t = np.where(np.isfinite(hits.t), hits.t, 0.0).astype(np.float32)
+  p = origin.astype(np.float32) + t[..., None] * dirs
   ground = (hits.hit == raycast.GROUND) | (hits.hit == raycast.CURB)
   if ground.any():
     gp = p[ground]
@@ -120,7 +121,7 @@ def shade(town: Town, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray, hits) 
   on_box = hits.hit >= 0
   if on_box.any():
     out[on_box] = _shade_boxes(boxes, hits.hit[on_box], hits.face[on_box], p[on_box])
-  dist = np.linalg.norm(p - origin, axis=-1)
+  dist = t * norm
   fog = (1.0 - np.exp(-dist / 350.0))[..., None] * (hits.hit != raycast.SKY)[..., None]
   return out * (1 - fog) + HORIZON * fog
 

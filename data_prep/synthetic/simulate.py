@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.synthetic import rig, sensors
+from data_prep.synthetic.devkit_count import box_in_sensor, count_points_in_box
 from data_prep.synthetic.tables import token
 from data_prep.synthetic.town import build_town
 from data_prep.synthetic.traffic import build_scene
@@ -88,10 +89,6 @@ def _jpeg(rgb: np.ndarray) -> bytes:
 def simulate_scene(out: str, settings: Settings, index: int) -> dict:
   """Simulates scene `index`, writes its sample/sweep files under `out`, returns its table rows
   (dict table name -> list of rows)."""
-  from nuscenes.utils.data_classes import Box  # pylint: disable=import-outside-toplevel
-  from nuscenes.utils.geometry_utils import points_in_box  # pylint: disable=import-outside-toplevel
-  from pyquaternion import Quaternion  # pylint: disable=import-outside-toplevel
-
   seed = settings.seed
   world = build_world(settings, index)
   name = scene_name(seed, index)
@@ -193,12 +190,8 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
       size = [float(v) for v in boxes.size[b]]
       rotation = [float(v) for v in rig.yaw_quaternion(float(boxes.yaw[b]))]
       # num_lidar_pts exactly as the devkit counts it on the stored key-frame sweep.
-      box = Box(translation, size, Quaternion(rotation))
-      box.translate(-np.array(pose['translation']))
-      box.rotate(Quaternion(pose['rotation']).inverse)
-      box.translate(-np.array(cs['translation']))
-      box.rotate(Quaternion(cs['rotation']).inverse)
-      npts = int(points_in_box(box, points[:, :3].T).sum())
+      npts = count_points_in_box(*box_in_sensor(translation, size, rotation, pose, cs),
+                                 points[:, :3].T)
       seen = int((hits.hit == b).sum())
       frac = seen / hits.box_any[b] if hits.box_any[b] else 0.0
       vis = '1' if frac < 0.4 else '2' if frac < 0.6 else '3' if frac < 0.8 else '4'
