@@ -91,32 +91,42 @@ def cast_grid(town: Town, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray, sp
   face = np.zeros((r, c), np.int8)
   box_any = np.zeros(len(boxes), np.int64)
   cos, sin = np.cos(boxes.yaw), np.sin(boxes.yaw)
+  # Near boxes first, so a box whose nearest point lies behind everything already hit in its
+  # span (e.g. a building behind a building) is skipped without a slab test.
+  spans = list(spans)
+  near = (np.hypot(boxes.centre[:, 0] - origin[0], boxes.centre[:, 1] - origin[1])
+          - 0.5 * np.hypot(boxes.size[:, 0], boxes.size[:, 1]))
+  spans.sort(key=lambda sp: (near[sp[0]], sp))
   for i, r0, r1, c0, c1 in spans:
-    d = dirs[r0:r1, c0:c1]
-    # Into the box frame (x along the length, y along the width).
-    dl = np.stack([d[..., 0] * cos[i] + d[..., 1] * sin[i], -d[..., 0] * sin[i] + d[..., 1] * cos[i],
-                   d[..., 2]], -1)
-    rel = origin - boxes.centre[i]
-    ol = np.array([rel[0] * cos[i] + rel[1] * sin[i], -rel[0] * sin[i] + rel[1] * cos[i], rel[2]])
-    half = 0.5 * np.array([boxes.size[i, 1], boxes.size[i, 0], boxes.size[i, 2]])
-    with np.errstate(divide='ignore', invalid='ignore'):
-      inv = 1.0 / np.where(np.abs(dl) < 1e-12, 1e-12, dl)
-    t1 = (-half - ol) * inv
-    t2 = (half - ol) * inv
-    tmin = np.minimum(t1, t2)
-    tnear = tmin.max(-1)
-    tfar = np.maximum(t1, t2).min(-1)
-    ok = (tnear <= tfar) & (tnear > 1e-3) & (tnear < max_t)
-    box_any[i] += int(ok.sum())
     sub_t = t[r0:r1, c0:c1]
+    if near[i] > 0 and sub_t.max() < near[i]:
+      continue
+    d = dirs[r0:r1, c0:c1]
+    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    rel = origin - boxes.centre[i]
+    ol = (rel[0] * cos[i] + rel[1] * sin[i], -rel[0] * sin[i] + rel[1] * cos[i], rel[2])
+    half = (0.5 * boxes.size[i, 1], 0.5 * boxes.size[i, 0], 0.5 * boxes.size[i, 2])
+    tmins, tnear, tfar = [], None, None
+    # Slab test in the box frame (x along the length, y along the width).
+    for a, da in enumerate((dx * cos[i] + dy * sin[i], -dx * sin[i] + dy * cos[i], dz)):
+      da = np.where(np.abs(da) < 1e-12, 1e-12, da)
+      t1 = (-half[a] - ol[a]) / da
+      t2 = (half[a] - ol[a]) / da
+      lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+      tmins.append((lo, da))
+      tnear = lo if tnear is None else np.maximum(tnear, lo)
+      tfar = hi if tfar is None else np.minimum(tfar, hi)
+    ok = (tnear <= tfar) & (tnear > 1e-3) & (tnear < max_t)
+    box_any[i] += int(np.count_nonzero(ok))
     better = ok & (tnear < sub_t)
     if not better.any():
       continue
-    axis = tmin.argmax(-1)
-    positive = np.take_along_axis(dl, axis[..., None], -1)[..., 0] < 0
+    lows = np.stack([m[0][better] for m in tmins], -1)
+    axis = lows.argmax(-1)
+    da_hit = np.stack([m[1][better] for m in tmins], -1)[np.arange(len(axis)), axis]
     sub_t[better] = tnear[better]
     hit[r0:r1, c0:c1][better] = i
-    face[r0:r1, c0:c1][better] = (axis * 2 + positive)[better]
+    face[r0:r1, c0:c1][better] = axis * 2 + (da_hit < 0)
   far = t > max_t
   t[far] = np.inf
   hit[far] = SKY
