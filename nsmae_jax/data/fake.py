@@ -62,3 +62,30 @@ def fake_batch(config: Config, batch_size: int, seed: int = 0) -> dict[str, np.n
       'boxes': boxes,
       'boxes_mask': np.arange(m)[None] < rng.integers(0, m + 1, size=(batch_size, 1)),
   }
+
+
+class FakeIterator:
+  """Endless host batches [num_devices, per_device, ...] of fake_batch, checkpointable.
+
+  Batch k is a deterministic function of (seed, k), and the global batch is split over devices
+  by reshaping, so 1 device x 2 and 2 devices x 1 see the same examples. State: {'index': k}.
+  """
+
+  def __init__(self, config: Config, num_devices: int, seed: int = 0):
+    self.config, self.num_devices, self.seed, self.index = config, num_devices, seed, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    per_device = self.config.train.per_device_batch_size
+    batch = fake_batch(self.config, per_device * self.num_devices, seed=self.seed * 100003 +
+                       self.index)
+    self.index += 1
+    return {k: v.reshape((self.num_devices, per_device) + v.shape[1:]) for k, v in batch.items()}
+
+  def get_state(self) -> dict:
+    return {'index': self.index}
+
+  def set_state(self, state: dict) -> None:
+    self.index = int(state['index'])

@@ -1,0 +1,80 @@
+"""The one absl flags module: a flag per field of nsmae_jax.config, grouped by config section.
+
+Flags are generated from the dataclass fields (name, default, type, help), so the config and the
+command line cannot drift apart. `--flagfile=experiments/configs/<name>.flags` works, and a
+flagfile may include another with its own `--flagfile=` line (paths relative to the working
+directory, as absl resolves them). Entry points call `config_from_flags()` inside `main` and get
+a validated `Config`; a bad value exits with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+from nsmae_jax import config as config_lib
+
+FLAGS = flags.FLAGS
+
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+_TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}
+
+
+def _define_all() -> None:
+  for group, field in config_lib.all_fields():
+    if field.name in FLAGS:
+      continue
+    kind = _TYPES[field.type] if isinstance(field.type, str) else field.type
+    _DEFINE[kind](field.name, field.default, field.metadata['help'],
+                  module_name=f'nsmae_jax.config.{group}')
+
+
+_define_all()
+
+
+def config_from_flags(**overrides) -> config_lib.Config:
+  """A validated Config from the parsed flags (plus keyword overrides by field name).
+
+  Raises config_lib.ConfigError('--flag: problem') on a bad value; `run()` turns it into a
+  one-line error and a non-zero exit.
+  """
+  values = {}
+  for _, field in config_lib.all_fields():
+    values[field.name] = FLAGS[field.name].value
+  values.update(overrides)
+  return config_lib.Config().replace(**values).validate()
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+  """absl app.run(main) that reports a ConfigError as `error: --flag: problem` and exits 2."""
+
+  def _main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      print(f'error: unexpected positional arguments {list(argv[1:])}', file=sys.stderr)
+      sys.exit(2)
+    try:
+      main(argv)
+    except config_lib.ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main)
+
+
+def flag_names() -> list[str]:
+  """Every config flag name (for tests and tools)."""
+  return [f.name for _, f in config_lib.all_fields()]
+
+
+__all__ = ['FLAGS', 'config_from_flags', 'run', 'flag_names']
+
+
+
+def adopt_into_main() -> None:
+  """Makes the config flags key flags of the running entry point, so `--help` lists them."""
+  for _, field in config_lib.all_fields():
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[field.name])

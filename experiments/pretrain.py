@@ -1,0 +1,23 @@
+r"""NS-MAE pre-training.
+
+  python -m experiments.pretrain --flagfile=experiments/configs/demo.flags [--workdir=DIR]
+
+On the demo flags a missing dataset is generated (synthetic nuScenes-format world) and converted
+first. An existing workdir resumes from its latest checkpoint. All logic lives in
+nsmae_jax.train.train_and_evaluate (importable from notebooks).
+"""
+
+from experiments import flags as nsflags
+from nsmae_jax import train
+
+
+
+def main(argv):
+  del argv
+  config = nsflags.config_from_flags()
+  train.train_and_evaluate(config, config.train.workdir)
+
+
+if __name__ == '__main__':
+  nsflags.adopt_into_main()
+  nsflags.run(main)

@@ -1,0 +1,31 @@
+"""Optimiser: AdamW with linear warmup + cosine decay and global-norm gradient clipping."""
+
+from __future__ import annotations
+
+import optax
+
+from nsmae_jax.config import TrainConfig
+
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0."""
+  warmup = min(train.warmup_steps, max(train.num_train_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
+      decay_steps=max(train.num_train_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay on >=2-d weights only) behind optional gradient clipping."""
+  schedule = learning_rate_schedule(train)
+
+  def decay_mask(params):
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+  parts = []
+  if train.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=train.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts)

@@ -1,0 +1,66 @@
+"""What the generic training loop needs to know about a model: a Task.
+
+Pre-training and fine-tuning share one loop (loop.py); each provides a Task: how to build the
+model and initialise (or restore) its params, the per-example loss, how to summarise summed eval
+statistics and which images to draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from nsmae_jax.config import Config
+
+Params = Any
+
+
+def mean_summary(sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Eval sums -> means over the counted examples (scalar metrics only)."""
+  count = max(float(sums['count']), 1.0)
+  return {k: float(v) / count for k, v in sums.items() if k != 'count' and np.ndim(v) == 0}
+
+
+@dataclasses.dataclass
+class Task:
+  """A trainable model: see module docstring. All callables are pure except `prepare_params`."""
+  name: str
+  model: Any
+  # (rng, example batch [B, ...]) -> params
+  init_params: Callable[[jax.Array, dict], Params]
+  # (params, batch [1, ...], rng, train) -> (loss, {'metrics': {name: scalar or array}})
+  loss_fn: Callable[[Params, dict, jax.Array, bool], tuple[jax.Array, dict]]
+  # (params, batch [B, ...], rng) -> {name: image [H, W] or [H, W, 3] in [0, 1]}
+  render_images: Callable[[Params, dict, jax.Array], dict] | None = None
+  # summed eval statistics (incl. 'count') -> scalar metrics
+  eval_summary: Callable[[Mapping[str, np.ndarray]], dict] = mean_summary
+  # fresh params -> params used at step 0 (e.g. restore a pre-trained encoder); not on resume
+  prepare_params: Callable[[Params], Params] = lambda p: p
+  # keyword arguments for nsmae_jax.data.pipeline.make_train_iterator (e.g. label_fraction)
+  train_data_kwargs: dict = dataclasses.field(default_factory=dict)
+  # which eval metric is the headline in the console line
+  headline: str = 'loss'
+
+
+def pretrain_task(config: Config) -> Task:
+  """NS-MAE pre-training: masked LiDAR + camera encoders rendered into colour and depth."""
+  from nsmae_jax import losses, models  # pylint: disable=import-outside-toplevel
+
+  model = models.build_pretrain_model(config)
+
+  def init_params(rng, batch):
+    k_params, k_mask, k_rays = jax.random.split(rng, 3)
+    return model.init({'params': k_params, 'mask': k_mask, 'rays': k_rays}, batch,
+                      train=True)['params']
+
+  def loss_fn(params, batch, rng, train):
+    return losses.pretrain_loss(model, params, batch, rng, train=train)
+
+  def render_images(params, batch, rng):
+    return losses.render_views(model, params, batch, rng, camera=0)
+
+  return Task(name='pretrain', model=model, init_params=init_params, loss_fn=loss_fn,
+              render_images=render_images)

@@ -1,0 +1,84 @@
+"""Runs the training loop on the toy task in its own process (multi-device/multi-host tests).
+
+  python tests/run_toy.py WORKDIR STEPS [--devices N] [--kill_at K] [--term_at K]
+      [--process_id I --num_processes N --port P]
+
+Prints one JSON line: the final metrics and a fingerprint of the final params.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument('workdir')
+parser.add_argument('steps', type=int)
+parser.add_argument('--devices', type=int, default=1)
+parser.add_argument('--per_device', type=int, default=1)
+parser.add_argument('--kill_at', type=int, default=-1)
+parser.add_argument('--term_at', type=int, default=-1)
+parser.add_argument('--process_id', type=int, default=0)
+parser.add_argument('--num_processes', type=int, default=1)
+parser.add_argument('--port', type=int, default=0)
+args = parser.parse_args()
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+from toy_task import toy_task  # noqa: E402
+
+from nsmae_jax.data.fake import FakeIterator  # noqa: E402
+from nsmae_jax.train import train_and_evaluate  # noqa: E402
+
+
+def _wait_for_checkpoint(workdir, step, timeout=120.0):
+  """Waits until the asynchronous save of `step` has been finalised (renamed into place)."""
+  import time  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(path) and time.time() < deadline:
+    time.sleep(0.05)
+
+
+class Interrupting(FakeIterator):
+  """Delivers a signal to this process when batch `at` is requested (a deterministic 'kill')."""
+
+  def __init__(self, *a, at=-1, sig=None, **kw):
+    super().__init__(*a, **kw)
+    self.at, self.sig = at, sig
+
+  def __next__(self):
+    if self.index == self.at:
+      if self.sig == signal.SIGKILL:
+        _wait_for_checkpoint(args.workdir, 3)
+      os.kill(os.getpid(), self.sig)
+    return super().__next__()
+
+
+overrides = dict(num_train_steps=args.steps, per_device_batch_size=args.per_device,
+                 checkpoint_every_steps=3, log_every_steps=1, eval_every_steps=0,
+                 image_every_steps=0, warmup_steps=2)
+if args.num_processes > 1:
+  overrides.update(coordinator_address=f'127.0.0.1:{args.port}',
+                   num_processes=args.num_processes, process_id=args.process_id)
+config = tiny_config(**overrides)
+sig = signal.SIGKILL if args.kill_at >= 0 else signal.SIGTERM
+at = args.kill_at if args.kill_at >= 0 else args.term_at
+if args.num_processes > 1:
+  from nsmae_jax.train import distributed  # noqa: E402
+  distributed.maybe_initialize(config.train)
+# Each process reads its own part of the global batch: a different seed per process.
+iterator = Interrupting(config, jax.local_device_count(), seed=args.process_id, at=at, sig=sig)
+eval_config = config
+metrics, state = train_and_evaluate(
+    config, args.workdir, task=toy_task(), train_iterator=iterator,
+    eval_batches_fn=lambda: iter([next(FakeIterator(eval_config, jax.local_device_count(), 9))]),
+    return_state=True)
+leaves = jax.tree_util.tree_leaves(state.params)
+print(json.dumps({'metrics': metrics, 'step': int(state.step),
+                  'fingerprint': [float(np.sum(np.abs(x))) for x in leaves],
+                  'process': jax.process_index()}), flush=True)
