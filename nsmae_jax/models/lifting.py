@@ -1,0 +1,97 @@
+"""Geometric lifting: per-camera feature maps -> a voxel volume in the LiDAR frame.
+
+Every voxel centre is projected into every camera with its intrinsics and cam2lidar (the
+devkit's projection, see render/rays.py for the pixel convention), the feature map is sampled
+bilinearly there, and the samples are averaged over the cameras that see the voxel. Voxels that
+no camera sees get a learned embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nsmae_jax.render.rays import in_image, project_points
+
+
+def voxel_centers(volume_shape: tuple[int, int, int], box_min, box_max) -> jnp.ndarray:
+  """[X, Y, Z, 3] voxel centres, LiDAR frame (m)."""
+  axes = [box_min[a] + (jnp.arange(n) + 0.5) * (box_max[a] - box_min[a]) / n
+          for a, n in enumerate(volume_shape)]
+  return jnp.stack(jnp.meshgrid(*axes, indexing='ij'), axis=-1)
+
+
+def bilinear_sample(feature_map: jnp.ndarray, uv: jnp.ndarray, image_hw: tuple[int, int]
+                    ) -> jnp.ndarray:
+  """Samples a feature map covering the whole image at image pixel coordinates.
+
+  Args:
+    feature_map: [h, w, C], cell (r, c) centred at image ((c + 0.5) W / w, (r + 0.5) H / h).
+    uv: [N, 2] image pixel coordinates (u right, v down); clamped at the border.
+    image_hw: (H, W) of the image the intrinsics describe.
+
+  Returns:
+    [N, C].
+  """
+  h, w, _ = feature_map.shape
+  x = jnp.clip(uv[:, 0] * (w / image_hw[1]) - 0.5, 0.0, w - 1.0)
+  y = jnp.clip(uv[:, 1] * (h / image_hw[0]) - 0.5, 0.0, h - 1.0)
+  x0 = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, max(w - 2, 0))
+  y0 = jnp.clip(jnp.floor(y).astype(jnp.int32), 0, max(h - 2, 0))
+  x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
+  fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+  fm = feature_map
+  return ((1 - fy) * ((1 - fx) * fm[y0, x0] + fx * fm[y0, x1])
+          + fy * ((1 - fx) * fm[y1, x0] + fx * fm[y1, x1]))
+
+
+def lift_features(features: jnp.ndarray, intrinsics: jnp.ndarray, cam2lidar: jnp.ndarray,
+                  volume_shape: tuple[int, int, int], box_min, box_max,
+                  image_hw: tuple[int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Lifts one example's camera features into the volume.
+
+  Args:
+    features: [K, h, w, C] per-camera feature maps; intrinsics [K, 3, 3] for image_hw;
+    cam2lidar [K, 4, 4].
+
+  Returns:
+    volume [X, Y, Z, C] (mean over the cameras that see each voxel, 0 where none) and
+    seen [X, Y, Z] (how many cameras see each voxel).
+  """
+  centres = voxel_centers(volume_shape, box_min, box_max).reshape(-1, 3)
+
+  def one_camera(fm, k, c2l):
+    uv, _, front = project_points(centres, k, c2l)
+    vis = (front & in_image(uv, *image_hw)).astype(fm.dtype)
+    return bilinear_sample(fm, uv, image_hw) * vis[:, None], vis
+
+  sampled, vis = jax.vmap(one_camera)(features, intrinsics, cam2lidar)   # [K, N, C], [K, N]
+  seen = jnp.sum(vis, axis=0)
+  volume = jnp.sum(sampled, axis=0) / jnp.maximum(seen, 1.0)[:, None]
+  return (volume.reshape(volume_shape + (features.shape[-1],)), seen.reshape(volume_shape))
+
+
+class CameraLifting(nn.Module):
+  """Projects camera features to `channels`, lifts them, fills unseen voxels."""
+  volume_shape: tuple[int, int, int]
+  box_min: tuple[float, float, float]
+  box_max: tuple[float, float, float]
+  image_hw: tuple[int, int]
+  channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jnp.ndarray, intrinsics: jnp.ndarray,
+               cam2lidar: jnp.ndarray) -> jnp.ndarray:
+    """features [B, K, h, w, C], intrinsics [B, K, 3, 3], cam2lidar [B, K, 4, 4] ->
+    [B, X, Y, Z, channels] LiDAR frame."""
+    # Projecting before lifting is the same linear map, on h*w*K cells rather than X*Y*Z*K.
+    f = nn.Dense(self.channels, dtype=self.dtype, name='proj')(features)
+    vol, seen = jax.vmap(lambda a, b, c: lift_features(
+        a, b.astype(jnp.float32), c.astype(jnp.float32), self.volume_shape, self.box_min,
+        self.box_max, self.image_hw))(f, intrinsics, cam2lidar)
+    unseen = self.param('unseen_embed', nn.initializers.normal(0.02), (self.channels,))
+    return jnp.where(seen[..., None] > 0, vol, unseen.astype(vol.dtype))

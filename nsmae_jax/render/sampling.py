@@ -1,0 +1,60 @@
+"""Samples along one ray and trilinear interpolation of the fused volume (per ray; vmapped)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def stratified_samples(key: jax.Array | None, near: jnp.ndarray, far: jnp.ndarray,
+                       num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Stratified sample distances for one ray.
+
+  [near, far] is cut into `num_samples` equal bins; one sample per bin at a uniform random
+  position (key given, training) or at the bin centre (key None, deterministic eval).
+
+  Args:
+    key: PRNGKey or None; near, far: [] scalars (m).
+
+  Returns:
+    t [S] sample distances, deltas [S] bin lengths (m).
+  """
+  width = (far - near) / num_samples
+  offset = (jax.random.uniform(key, (num_samples,), dtype=jnp.result_type(near))
+            if key is not None else 0.5)
+  t = near + (jnp.arange(num_samples) + offset) * width
+  return t, jnp.full((num_samples,), width)
+
+
+def trilinear_interpolate(volume: jnp.ndarray, points: jnp.ndarray, box_min,
+                          box_max) -> jnp.ndarray:
+  """Trilinear interpolation of a cell-centred volume.
+
+  Args:
+    volume: [X, Y, Z, C] features; cell (i, j, k) is centred at box_min + (ijk + 0.5) * cell.
+    points: [N, 3] LiDAR frame (m). Points outside the box take the clamped border value.
+    box_min, box_max: 3-sequences, the volume's bounds (m).
+
+  Returns:
+    [N, C] interpolated features.
+  """
+  shape = jnp.array(volume.shape[:3])
+  lo, hi = jnp.asarray(box_min, points.dtype), jnp.asarray(box_max, points.dtype)
+  g = (points - lo) / (hi - lo) * shape - 0.5                 # [N, 3] index coordinates
+  g = jnp.clip(g, 0.0, shape - 1.0)
+  # i0 <= size - 2 so that f reaches 1 at the last centre (size-1 axes: i0 = i1 = 0).
+  i0 = jnp.clip(jnp.floor(g).astype(jnp.int32), 0, jnp.maximum(shape - 2, 0))
+  i1 = jnp.minimum(i0 + 1, shape - 1)
+  f = g - i0                                                   # [N, 3] in [0, 1]
+  flat = volume.reshape(-1, volume.shape[-1])
+  sy, sz = volume.shape[1] * volume.shape[2], volume.shape[2]
+  out = 0.0
+  for cx in (0, 1):
+    ix, wx = (i1[:, 0], f[:, 0]) if cx else (i0[:, 0], 1 - f[:, 0])
+    for cy in (0, 1):
+      iy, wy = (i1[:, 1], f[:, 1]) if cy else (i0[:, 1], 1 - f[:, 1])
+      for cz in (0, 1):
+        iz, wz = (i1[:, 2], f[:, 2]) if cz else (i0[:, 2], 1 - f[:, 2])
+        w = (wx * wy * wz)[:, None].astype(volume.dtype)
+        out = out + w * flat[ix * sy + iy * sz + iz]
+  return out
