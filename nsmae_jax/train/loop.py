@@ -174,48 +174,50 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
         print(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()),
               flush=True)
 
-  with _Preemption() as preemption:
-    metrics = None
-    if start == 0 and tc.eval_every_steps:
-      run_eval(0)  # the baseline that later evals are compared with
-    step = start
-    for step in range(start + 1, tc.num_train_steps + 1):
-      batch = _numeric(next(train_iterator))
-      rstate, metrics = p_train(rstate, batch, r_step_rng)
-      if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
-        last = _host_scalars(metrics)
-        check_finite(step, last)
-        now = time.time()
-        last['steps_per_second'] = (step - s_log) / max(now - t_log, 1e-9)
-        last['samples_per_second'] = last['steps_per_second'] * tc.per_device_batch_size * (
-            jax.device_count())
-        last['learning_rate'] = float(schedule(step - 1))
-        t_log, s_log = now, step
-        writer.scalars(step, last)
-        progress.print(step, last)
-      if task.render_images is not None and is_main and tc.image_every_steps and (
-          step % tc.image_every_steps == 0 or step == tc.num_train_steps):
-        params0 = jax.device_get(jax_utils.unreplicate(rstate.params))
-        batch0 = {k: v[0] for k, v in batch.items()}
-        writer.images(step, task.render_images(params0, batch0, image_rng))
-      if tc.eval_every_steps and step % tc.eval_every_steps == 0:
-        run_eval(step)
-      if step % tc.checkpoint_every_steps == 0 or preemption.requested:
-        save(step, metrics)
-      if preemption.requested:
-        ckpt.wait()
-        if is_main:
-          print(f'SIGTERM: saved checkpoint at step {step}; exiting', flush=True)
-        ckpt.close()
-        writer.close()
-        result = dict(last, preempted_at_step=step)
-        return (result, jax.device_get(jax_utils.unreplicate(rstate))) if return_state else result
-    if metrics is not None:
-      if ckpt.latest_step() != step:
-        save(step, metrics)
-      if not tc.eval_every_steps or step % tc.eval_every_steps:
-        run_eval(step)
-  ckpt.close()
-  writer.close()
+  # Whatever ends the loop (done, SIGTERM, NaN, an exception), pending asynchronous saves are
+  # finished so the last good checkpoint is complete on disk.
+  try:
+    with _Preemption() as preemption:
+      metrics = None
+      if start == 0 and tc.eval_every_steps:
+        run_eval(0)  # the baseline that later evals are compared with
+      step = start
+      for step in range(start + 1, tc.num_train_steps + 1):
+        batch = _numeric(next(train_iterator))
+        rstate, metrics = p_train(rstate, batch, r_step_rng)
+        if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
+          last = _host_scalars(metrics)
+          check_finite(step, last)
+          now = time.time()
+          last['steps_per_second'] = (step - s_log) / max(now - t_log, 1e-9)
+          last['samples_per_second'] = last['steps_per_second'] * tc.per_device_batch_size * (
+              jax.device_count())
+          last['learning_rate'] = float(schedule(step - 1))
+          t_log, s_log = now, step
+          writer.scalars(step, last)
+          progress.print(step, last)
+        if task.render_images is not None and is_main and tc.image_every_steps and (
+            step % tc.image_every_steps == 0 or step == tc.num_train_steps):
+          params0 = jax.device_get(jax_utils.unreplicate(rstate.params))
+          batch0 = {k: v[0] for k, v in batch.items()}
+          writer.images(step, task.render_images(params0, batch0, image_rng))
+        if tc.eval_every_steps and step % tc.eval_every_steps == 0:
+          run_eval(step)
+        if step % tc.checkpoint_every_steps == 0 or preemption.requested:
+          save(step, metrics)
+        if preemption.requested:
+          ckpt.wait()
+          if is_main:
+            print(f'SIGTERM: saved checkpoint at step {step}; exiting', flush=True)
+          result = dict(last, preempted_at_step=step)
+          return (result, jax.device_get(jax_utils.unreplicate(rstate))) if return_state else result
+      if metrics is not None:
+        if ckpt.latest_step() != step:
+          save(step, metrics)
+        if not tc.eval_every_steps or step % tc.eval_every_steps:
+          run_eval(step)
+  finally:
+    ckpt.close()
+    writer.close()
   result = dict(last, **{f'eval_{k}': v for k, v in last_eval.items()})
   return (result, jax.device_get(jax_utils.unreplicate(rstate))) if return_state else result
