@@ -141,8 +141,21 @@ class TrainConfig:
                          'SLURM; uses the three flags above when given).')
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Label-efficient BEV map segmentation fine-tuning."""
+  init_workdir: str = _f('', 'Pre-training workdir whose latest checkpoint initialises the '
+                         'backbone (LiDAR + camera encoders, lifting, fusion); empty = from '
+                         'scratch.')
+  label_fraction: float = _f(1.0, 'Fraction of the training key frames whose labels are used, '
+                             'in (0, 1]; a deterministic, seeded subset.')
+  subset_seed: int = _f(0, 'Seed of the labelled subset (label fractions).')
+  seg_loss: str = _f('focal', 'Segmentation loss: focal or bce.')
+  seg_head_channels: int = _f(64, 'Channels of the BEV segmentation head convolutions.')
+
+
 GROUPS = {'data': DataConfig, 'model': ModelConfig, 'render': RenderConfig, 'loss': LossConfig,
-          'train': TrainConfig}
+          'train': TrainConfig, 'finetune': FinetuneConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +166,7 @@ class Config:
   render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
   # ---- derived geometry (the single place these are computed) ----
   @property
@@ -245,6 +259,13 @@ class Config:
                         f'{d.bev_resolution}')
     if not m.z_max > m.z_min:
       raise ConfigError(f'--z_max: must be > --z_min ({m.z_min}), got {m.z_max}')
+    if not 0.0 < self.finetune.label_fraction <= 1.0:
+      raise ConfigError(f'--label_fraction: must be in (0, 1], got {self.finetune.label_fraction}')
+    if self.finetune.seg_loss not in ('focal', 'bce'):
+      raise ConfigError(f'--seg_loss: must be focal or bce, got {self.finetune.seg_loss!r}')
+    if self.finetune.init_workdir and not os.path.isdir(self.finetune.init_workdir):
+      raise ConfigError(f'--init_workdir: directory {self.finetune.init_workdir!r} does not '
+                        'exist (give a pre-training workdir, or an empty value for scratch)')
     if not 0 <= t.process_id < t.num_processes:
       raise ConfigError(f'--process_id: must be in [0, {t.num_processes}), got {t.process_id}')
     if not d.synthetic and not os.path.isdir(d.data_dir):
