@@ -121,17 +121,22 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', None, 'Output nuScenes dataroot (must be empty or absent).')
-flags.DEFINE_integer('num_scenes', 10, 'Number of scenes (20 s each at the default frames).')
-flags.DEFINE_integer('val_scenes', 2, "Scenes (the last ones) in the 'val' split.")
-flags.DEFINE_integer('frames_per_scene', 40, 'Key frames per scene (2 Hz).')
-flags.DEFINE_integer('sweeps_per_frame', 9, 'Non-key LiDAR sweeps between key frames (nuScenes: 9).')
-flags.DEFINE_integer('image_width', 800, 'Camera image width in pixels.')
-flags.DEFINE_integer('image_height', 450, 'Camera image height in pixels.')
-flags.DEFINE_integer('seed', 0, 'World seed: same seed, byte-identical output.')
-flags.DEFINE_integer('workers', 1, 'Worker processes (one scene each at a time).')
-flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out written by this tool.')
-flags.DEFINE_string('version', 'v1.0-trainval', 'nuScenes version directory name.')
+
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: importing `generate` (the pipeline does)
+  must not claim global flag names such as --image_width."""
+  flags.DEFINE_string('out', None, 'Output nuScenes dataroot (must be empty or absent).')
+  flags.DEFINE_integer('num_scenes', 10, 'Number of scenes (20 s each at the default frames).')
+  flags.DEFINE_integer('val_scenes', 2, "Scenes (the last ones) in the 'val' split.")
+  flags.DEFINE_integer('frames_per_scene', 40, 'Key frames per scene (2 Hz).')
+  flags.DEFINE_integer('sweeps_per_frame', 9, 'Non-key LiDAR sweeps between key frames (nuScenes: 9).')
+  flags.DEFINE_integer('image_width', 800, 'Camera image width in pixels.')
+  flags.DEFINE_integer('image_height', 450, 'Camera image height in pixels.')
+  flags.DEFINE_integer('seed', 0, 'World seed: same seed, byte-identical output.')
+  flags.DEFINE_integer('workers', 1, 'Worker processes (one scene each at a time).')
+  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty --out written by this tool.')
+  flags.DEFINE_string('version', 'v1.0-trainval', 'nuScenes version directory name.')
 
 
 def main(argv):
@@ -145,4 +150,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
