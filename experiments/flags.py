@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from nsmae_jax import config as config_lib
 
@@ -56,6 +57,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     if len(argv) > 1:
       print(f'error: unexpected positional arguments {list(argv[1:])}', file=sys.stderr)
       sys.exit(2)
+    if not FLAGS['verbosity'].present:  # orbax/jax INFO logs drown the progress lines
+      logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
     except config_lib.ConfigError as e:

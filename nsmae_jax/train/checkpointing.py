@@ -126,12 +126,20 @@ def _check_against_metadata(meta: Any, target: Any, path: str) -> None:
                        f'{tuple(np.shape(leaf))} in the model')
 
 
-def _flatten(tree: Any, prefix: str = ''):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, f'{prefix}/{k}' if prefix else str(k))
-  else:
-    yield prefix, tree
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flatten(tree: Any):
+  """(slash/separated/path, leaf) pairs of any pytree (dicts, lists, tuples, dataclasses)."""
+  is_leaf = lambda x: x is None or hasattr(x, 'shape')  # noqa: E731 (metadata leaves too)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  for path, leaf in leaves:
+    if leaf is not None:
+      yield '/'.join(_key_name(k) for k in path), leaf
 
 
 def describe(workdir: str, step: int | None = None) -> list[tuple[str, tuple[int, ...], str]]:
