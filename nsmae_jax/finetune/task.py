@@ -1,0 +1,147 @@
+"""The BEV map segmentation Task for the shared training loop (nsmae_jax.train).
+
+  task = bevseg_task(config, workdir)
+  train_and_evaluate(config, workdir, task=task)
+
+On a fresh start, the backbone (LiDAR + camera encoders, lifting, fusion) is restored from the
+latest checkpoint of config.finetune.init_workdir (empty = from scratch); the head is always
+fresh. What was loaded and what stayed fresh is printed and written to
+<workdir>/init_report.json. Eval sums TP/FP/FN per class and threshold over the whole val split
+(use --eval_batches=0) and reports BEVFusion's mIoU (nsmae_jax.finetune.metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nsmae_jax.config import Config
+from nsmae_jax.finetune import metrics as metrics_lib
+from nsmae_jax.finetune.head import BEVSegModel, seg_loss
+from nsmae_jax.train.task import Task
+
+
+def _leaves(tree: Any, prefix: str = '') -> list[tuple[str, Any]]:
+  """(slash path, leaf) of a nested dict, in sorted-key order."""
+  if isinstance(tree, Mapping):
+    out = []
+    for k in sorted(tree):
+      out += _leaves(tree[k], f'{prefix}/{k}' if prefix else str(k))
+    return out
+  return [(prefix, tree)]
+
+
+def init_from_pretrained(params: dict, init_workdir: str, step: int | None = None
+                         ) -> tuple[dict, dict]:
+  """params {'backbone', 'head'} -> (params with the backbone restored, report).
+
+  The backbone subtree comes from `<init_workdir>/checkpoints/<step>/state` at
+  ('params', 'backbone') (latest step by default); the head keeps its fresh values. An empty
+  init_workdir loads nothing. report: {'init_workdir', 'step', 'loaded': [paths], 'fresh':
+  [paths], 'loaded_params', 'fresh_params'} (paths 'backbone/...', 'head/...').
+  """
+  from nsmae_jax.train.checkpointing import restore_subtree  # pylint: disable=import-outside-toplevel
+  params = dict(params)
+  loaded_step = None
+  if init_workdir:
+    restored, loaded_step = restore_subtree(init_workdir, params['backbone'],
+                                            prefix=('params', 'backbone'), step=step)
+    params['backbone'] = jax.tree_util.tree_map(jnp.asarray, restored)
+    loaded_keys = {'backbone'}
+  else:
+    loaded_keys = set()
+  loaded, fresh, n_loaded, n_fresh = [], [], 0, 0
+  for path, leaf in _leaves(params):
+    if path.split('/')[0] in loaded_keys:
+      loaded.append(path)
+      n_loaded += int(np.size(leaf))
+    else:
+      fresh.append(path)
+      n_fresh += int(np.size(leaf))
+  report = dict(init_workdir=init_workdir, step=loaded_step, loaded=loaded, fresh=fresh,
+                loaded_params=n_loaded, fresh_params=n_fresh)
+  return params, report
+
+
+def _to_image(a: np.ndarray) -> np.ndarray:
+  """[X, Y] grid (LiDAR frame) -> [rows, cols] image with +y (forward) up and +x right."""
+  return np.flipud(np.asarray(a).T)
+
+
+def bev_panel(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """probs, labels [C, X, Y] -> RGB [C * X, 2 * Y + gap, 3] in [0, 1]: per class (rows in
+  MAP_CLASSES order) the predicted probability (left) and the ground truth (right), forward up."""
+  c, x, y = probs.shape
+  gap = 2
+  rows = []
+  for k in range(c):
+    row = np.ones((y, 2 * x + gap), np.float32)
+    row[:, :x] = _to_image(probs[k])
+    row[:, x + gap:] = _to_image(labels[k] > 0)
+    rows.append(row)
+    rows.append(np.ones((gap, 2 * x + gap), np.float32) * 0.5)
+  gray = np.concatenate(rows[:-1], axis=0)
+  return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def bevseg_task(config: Config, workdir: str | None = None) -> Task:
+  """The segmentation Task: BEVSegModel, focal/BCE loss, BEVFusion mIoU, pred-vs-GT images."""
+  model = BEVSegModel(config)
+  fc = config.finetune
+
+  def init_params(rng, batch):
+    return model.init({'params': rng}, batch, train=False)['params']
+
+  def loss_fn(params, batch, rng, train):
+    del rng  # no masking or dropout in fine-tuning
+    logits = model.apply({'params': params}, batch, train=train)  # [B, X, Y, C]
+    labels = jnp.moveaxis(batch['bev_map'], -3, -1)              # [B, C, X, Y] -> [B, X, Y, C]
+    loss = seg_loss(logits, labels, fc.seg_loss)
+    out = {'seg_loss': loss}
+    if not train:
+      # The training loop averages train metrics into scalars: counts only matter in eval.
+      probs = jnp.moveaxis(jax.nn.sigmoid(logits), -1, -3)
+      out.update(metrics_lib.flatten_counts(*metrics_lib.confusion_counts(
+          probs, batch['bev_map'])))
+    return loss, {'metrics': out}
+
+  def eval_summary(sums):
+    count = max(float(sums['count']), 1.0)
+    summary = metrics_lib.summarize(*metrics_lib.unflatten_counts(sums))
+    summary['seg_loss'] = float(sums['seg_loss']) / count
+    summary['loss'] = float(sums['loss']) / count
+    summary['examples'] = float(sums['count'])
+    return summary
+
+  def render_images(params, batch, rng):
+    del rng
+    ex = jax.tree_util.tree_map(lambda a: a[:1], batch)
+    logits = model.apply({'params': params}, ex, train=False)
+    probs = np.asarray(jax.nn.sigmoid(logits[0]))  # [X, Y, C]
+    return {'bev_pred_vs_gt': bev_panel(np.moveaxis(probs, -1, 0), np.asarray(ex['bev_map'][0]))}
+
+  def prepare_params(params):
+    params, report = init_from_pretrained(params, fc.init_workdir)
+    if jax.process_index() == 0:
+      src = f'{fc.init_workdir} step {report["step"]}' if fc.init_workdir else 'nothing (scratch)'
+      print(f'init: loaded {len(report["loaded"])} leaves / {report["loaded_params"]:,} params '
+            f'from {src}; fresh {len(report["fresh"])} leaves / {report["fresh_params"]:,} '
+            f'params ({", ".join(sorted({p.split("/")[0] + "/" + p.split("/")[1] for p in report["fresh"]}))})',
+            flush=True)
+      if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'init_report.json'), 'w') as f:
+          json.dump(report, f, indent=1)
+    return params
+
+  return Task(name='bevseg', model=model, init_params=init_params, loss_fn=loss_fn,
+              render_images=render_images, eval_summary=eval_summary,
+              prepare_params=prepare_params,
+              train_data_kwargs=dict(label_fraction=fc.label_fraction,
+                                     subset_seed=fc.subset_seed),
+              headline='miou')
