@@ -1,10 +1,11 @@
 """Vectorised ray casting against the analytic world: a two-level ground (road at z = 0, raised
 blocks at the curb height, with curb faces) and yaw-oriented boxes.
 
-Rays come as a grid [R, C] so that each box is only tested against the sub-grid its silhouette
-can cover (a "span"), which keeps the cost proportional to the covered area.
-Everything here is in the global frame; t is the ray parameter (metres for unit directions,
-z-depth for camera directions with unit optical-axis component).
+Rays come as a grid [R, C]; each box is only tested against the sub-grid its silhouette can cover
+(a "span"). All (ray, box) pairs of all spans are tested in one flat vectorised pass and the
+nearest hit per ray is kept with a scatter-min, so the cost is proportional to the covered area
+with no per-box Python work. Everything here is in the global frame; t is the ray parameter
+(metres for unit directions, z-depth for camera directions with unit optical-axis component).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ GROUND = -1  # hit ids below 0: ground top, curb face, nothing
 CURB = -2
 SKY = -3
 _CURB_SAMPLES = 12
+_MIN_T = 1e-3  # hits closer than this (the ray starts inside or on a box face) are ignored
 
 
 @dataclasses.dataclass
@@ -28,7 +30,7 @@ class Hits:
   """Per ray of an [R, C] grid: t [R, C] (inf where nothing), hit [R, C] int32 (box index into
   the cast Boxes, or GROUND / CURB / SKY), face [R, C] int8 (box face 0-5: axis * 2 + positive
   side, in the box frame), material [R, C] uint8 (ground material where hit is GROUND/CURB),
-  box_any [N] int64 rays that cross each box ignoring occlusion."""
+  box_any [N] int64 rays that cross each box ignoring occlusion (zeros unless counted)."""
   t: np.ndarray
   hit: np.ndarray
   face: np.ndarray
@@ -37,100 +39,147 @@ class Hits:
 
 
 def ground_hits(town: Town, origin: np.ndarray, dirs: np.ndarray):
-  """First hit of rays [M, 3] from `origin` [3] with the ground: (t [M], material [M], curb [M])."""
-  dz = dirs[:, 2]
-  down = dz < -1e-9
-  t = np.full(len(dirs), np.inf)
-  material = np.zeros(len(dirs), np.uint8)
-  curb = np.zeros(len(dirs), bool)
-  idx = np.nonzero(down)[0]
-  d = dirs[idx]
-  t_hi = (rig.CURB_HEIGHT - origin[2]) / d[:, 2]
-  t_lo = -origin[2] / d[:, 2]
-  p_hi = origin[:2] + t_hi[:, None] * d[:, :2]
-  m_hi = town.material_at(p_hi[:, 0], p_hi[:, 1])
+  """First hit of rays dirs [3, M] (planar x, y, z rows) from `origin` [3] with the ground:
+  (t [M] float64, material [M] uint8, curb [M] bool)."""
+  m = dirs.shape[1]
+  t = np.full(m, np.inf)
+  material = np.zeros(m, np.uint8)
+  curb = np.zeros(m, bool)
+  idx = np.flatnonzero(dirs[2] < -1e-9)
+  dx, dy, dz = (dirs[k].take(idx).astype(np.float64) for k in range(3))
+  t_hi = (rig.CURB_HEIGHT - origin[2]) / dz
+  t_lo = -origin[2] / dz
+  m_hi = town.material_at(origin[0] + t_hi * dx, origin[1] + t_hi * dy)
   raised_hi = rig.MATERIAL_RAISED[m_hi]
   t[idx[raised_hi]] = t_hi[raised_hi]
   material[idx[raised_hi]] = m_hi[raised_hi]
-  low = ~raised_hi
-  p_lo = origin[:2] + t_lo[low, None] * d[low, :2]
-  m_lo = town.material_at(p_lo[:, 0], p_lo[:, 1])
+  low = np.flatnonzero(~raised_hi)
+  t_lo = t_lo[low]
+  m_lo = town.material_at(origin[0] + t_lo * dx[low], origin[1] + t_lo * dy[low])
   raised_lo = rig.MATERIAL_RAISED[m_lo]
-  li = idx[low]
-  t[li[~raised_lo]] = t_lo[low][~raised_lo]
-  material[li[~raised_lo]] = m_lo[~raised_lo]
+  road = ~raised_lo
+  t[idx[low[road]]] = t_lo[road]
+  material[idx[low[road]]] = m_lo[road]
   # Rays that pass over a road cell at curb height but reach a raised cell before z = 0 hit
   # the curb face in between: find the first raised sample along that short stretch.
-  ci = li[raised_lo]
-  if len(ci):
-    a, b = t_hi[low][raised_lo], t_lo[low][raised_lo]
+  ck = low[raised_lo]
+  if len(ck):
+    a, b = t_hi[ck], t_lo[raised_lo]
     u = (np.arange(1, _CURB_SAMPLES + 1) / _CURB_SAMPLES)[None, :]
     ts = a[:, None] + (b - a)[:, None] * u
-    px = origin[0] + ts * dirs[ci, 0:1]
-    py = origin[1] + ts * dirs[ci, 1:2]
-    raised = rig.MATERIAL_RAISED[town.material_at(px, py)]
+    raised = rig.MATERIAL_RAISED[town.material_at(origin[0] + ts * dx[ck, None],
+                                                  origin[1] + ts * dy[ck, None])]
     first = np.argmax(raised, axis=1)
-    t[ci] = ts[np.arange(len(ci)), first]
+    ci = idx[ck]
+    t[ci] = ts[np.arange(len(ck)), first]
     material[ci] = rig.MATERIAL_ID['curb']
     curb[ci] = True
   return t, material, curb
 
 
+def span_pairs(spans: np.ndarray, columns: int):
+  """Every (ray, box) pair of the spans [S, 5] (box index, r0, r1, c0, c1) of a grid with
+  `columns` columns: (flat ray index r * columns + c [P] int64, box index [P] int64)."""
+  box, r0, r1, c0, c1 = spans.T
+  h, w = r1 - r0, c1 - c0
+  # One segment per (span, row), then its columns: no integer division per pair.
+  seg_row = np.arange(h.sum()) - np.repeat(np.cumsum(h) - h, h) + np.repeat(r0, h)
+  seg_w = np.repeat(w, h)
+  seg_start = np.cumsum(seg_w) - seg_w
+  first = seg_row * columns + np.repeat(c0, h) - seg_start
+  ray = np.arange(seg_w.sum()) + np.repeat(first, seg_w)
+  return ray, np.repeat(np.repeat(box, h), seg_w)
+
+
+class _Slabs:
+  """The slab test of rays against yaw-oriented boxes, in the precision of the rays.
+
+  Per box (in the box frame, x along the length): yaw cos/sin and, per axis, the entry/exit
+  plane offsets from the ray origin (-half - o, half - o). Per ray: x, y and 1 / z of its
+  direction (z is the same in the box frame).
+  """
+
+  def __init__(self, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray):
+    dtype = dirs.dtype
+    c, s = np.cos(boxes.yaw), np.sin(boxes.yaw)
+    rel = origin - boxes.centre
+    o = np.stack([rel[:, 0] * c + rel[:, 1] * s, -rel[:, 0] * s + rel[:, 1] * c, rel[:, 2]])
+    half = 0.5 * boxes.size[:, [1, 0, 2]].T
+    self.cos, self.sin = c.astype(dtype), s.astype(dtype)
+    self.lo_plane = (-half - o).astype(dtype)  # [3, N]
+    self.hi_plane = (half - o).astype(dtype)
+    self.dx, self.dy = dirs[0], dirs[1]
+    with np.errstate(divide='ignore'):
+      self.inv_dz = (1 / dirs[2]).astype(dtype)
+
+  def test(self, ray, box):
+    """Entry parameter per axis (lows, 3 x [P]), tnear [P] and tfar [P] of the pairs."""
+    dx, dy = self.dx[ray], self.dy[ray]
+    c, s = self.cos[box], self.sin[box]
+    with np.errstate(divide='ignore', invalid='ignore'):
+      inv = (1 / (dx * c + dy * s), 1 / (dy * c - dx * s), self.inv_dz[ray])
+      lows, tnear, tfar = [], None, None
+      for a in range(3):
+        t1 = self.lo_plane[a][box] * inv[a]
+        t2 = self.hi_plane[a][box] * inv[a]
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        lows.append(lo)
+        tnear = lo if tnear is None else np.maximum(tnear, lo)
+        tfar = hi if tfar is None else np.minimum(tfar, hi)
+    return lows, inv, tnear, tfar
+
+
+_CHUNK = 1 << 14  # pairs per vectorised step: the temporaries stay in the CPU cache
+
+
 def cast_grid(town: Town, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray, spans,
               max_t: float = np.inf) -> Hits:
-  """Casts the ray grid dirs [R, C, 3] from origin [3] against the ground and `boxes`.
+  """Casts the ray grid dirs [3, R, C] (planar x, y, z; float32 or float64, the precision of
+  the box tests) from origin [3] against the ground and `boxes`.
 
-  spans: iterable of (box index, r0, r1, c0, c1): the sub-grids each box may cover.
+  spans: [S, 5] rows (box index, r0, r1, c0, c1): the sub-grids each box may cover.
   Returns Hits for the grid; hits beyond max_t are dropped (SKY).
   """
-  r, c = dirs.shape[:2]
-  tg, mat, curb = ground_hits(town, origin, dirs.reshape(-1, 3))
-  t = tg.reshape(r, c)
+  r, c = dirs.shape[1:]
+  flat = dirs.reshape(3, -1)
+  t, mat, curb = ground_hits(town, origin, flat)
   hit = np.where(np.isfinite(t), GROUND, SKY).astype(np.int32)
-  hit[curb.reshape(r, c)] = CURB
-  face = np.zeros((r, c), np.int8)
+  hit[curb] = CURB
+  face = np.zeros(r * c, np.int8)
   box_any = np.zeros(len(boxes), np.int64)
-  cos, sin = np.cos(boxes.yaw), np.sin(boxes.yaw)
-  # Near boxes first, so a box whose nearest point lies behind everything already hit in its
-  # span (e.g. a building behind a building) is skipped without a slab test.
-  spans = list(spans)
-  near = (np.hypot(boxes.centre[:, 0] - origin[0], boxes.centre[:, 1] - origin[1])
-          - 0.5 * np.hypot(boxes.size[:, 0], boxes.size[:, 1]))
-  spans.sort(key=lambda sp: (near[sp[0]], sp))
-  for i, r0, r1, c0, c1 in spans:
-    sub_t = t[r0:r1, c0:c1]
-    if near[i] > 0 and sub_t.max() < near[i]:
-      continue
-    d = dirs[r0:r1, c0:c1]
-    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
-    rel = origin - boxes.centre[i]
-    ol = (rel[0] * cos[i] + rel[1] * sin[i], -rel[0] * sin[i] + rel[1] * cos[i], rel[2])
-    half = (0.5 * boxes.size[i, 1], 0.5 * boxes.size[i, 0], 0.5 * boxes.size[i, 2])
-    tmins, tnear, tfar = [], None, None
-    # Slab test in the box frame (x along the length, y along the width).
-    for a, da in enumerate((dx * cos[i] + dy * sin[i], -dx * sin[i] + dy * cos[i], dz)):
-      da = np.where(np.abs(da) < 1e-12, 1e-12, da)
-      t1 = (-half[a] - ol[a]) / da
-      t2 = (half[a] - ol[a]) / da
-      lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
-      tmins.append((lo, da))
-      tnear = lo if tnear is None else np.maximum(tnear, lo)
-      tfar = hi if tfar is None else np.minimum(tfar, hi)
-    ok = (tnear <= tfar) & (tnear > 1e-3) & (tnear < max_t)
-    box_any[i] += int(np.count_nonzero(ok))
-    better = ok & (tnear < sub_t)
-    if not better.any():
-      continue
-    lows = np.stack([m[0][better] for m in tmins], -1)
-    axis = lows.argmax(-1)
-    da_hit = np.stack([m[1][better] for m in tmins], -1)[np.arange(len(axis)), axis]
-    sub_t[better] = tnear[better]
-    hit[r0:r1, c0:c1][better] = i
-    face[r0:r1, c0:c1][better] = axis * 2 + (da_hit < 0)
+  spans = np.asarray(spans, np.int64).reshape(-1, 5)
+  if len(spans):
+    rays, boxs = span_pairs(spans, c)
+    slabs = _Slabs(boxes, origin, flat)
+    found = []
+    for k in range(0, len(rays), _CHUNK):
+      ray, box = rays[k:k + _CHUNK], boxs[k:k + _CHUNK]
+      _, _, tnear, tfar = slabs.test(ray, box)
+      ok = (tnear <= tfar) & (tnear > _MIN_T) & (tnear < max_t)
+      box_any += np.bincount(box[ok], minlength=len(boxes))
+      tnear = tnear.astype(np.float64)
+      ok &= tnear <= t[ray]
+      ray, box, tnear = ray[ok], box[ok], tnear[ok]
+      np.minimum.at(t, ray, tnear)
+      found.append((ray, box, tnear))
+    ray, box, tnear = (np.concatenate(v) for v in zip(*found))
+    # The nearest pair per ray; exact ties go to the lowest box index (order-free, so the
+    # result does not depend on the span order).
+    nearest = tnear == t[ray]
+    ray, box = ray[nearest], box[nearest]
+    best = np.full(r * c, len(boxes), np.int64)
+    np.minimum.at(best, ray, box)
+    win = box == best[ray]
+    ray, box = ray[win], box[win]
+    lows, inv, _, _ = slabs.test(ray, box)
+    axis = np.where(lows[0] >= np.maximum(lows[1], lows[2]), 0, np.where(lows[1] >= lows[2], 1, 2))
+    hit[ray] = box
+    # The entry face is on the positive side when the ray runs towards -axis.
+    face[ray] = axis * 2 + (np.choose(axis, inv) < 0)
   far = t > max_t
   t[far] = np.inf
   hit[far] = SKY
-  return Hits(t, hit, face, mat.reshape(r, c), box_any)
+  return Hits(t.reshape(r, c), hit.reshape(r, c), face.reshape(r, c), mat.reshape(r, c), box_any)
 
 
 def near_boxes(boxes: Boxes, origin: np.ndarray, max_range: float) -> np.ndarray:
@@ -141,11 +190,12 @@ def near_boxes(boxes: Boxes, origin: np.ndarray, max_range: float) -> np.ndarray
 
 
 def lidar_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, azimuth0: float,
-                columns: int, rows: int):
-  """Spans of a spinning-LiDAR grid whose column j points at global azimuth azimuth0 + 2 pi j / C."""
+                columns: int, rows: int) -> np.ndarray:
+  """Spans [S, 5] (box, r0, r1, c0, c1) of a spinning-LiDAR grid whose column j points at global
+  azimuth azimuth0 + 2 pi j / C."""
   step = 2 * np.pi / columns
   if not len(index):
-    return []
+    return np.zeros((0, 5), np.int64)
   corners = boxes.select(index).corners()[..., :2] - origin[:2]
   radius = 0.5 * np.hypot(boxes.size[index, 0], boxes.size[index, 1])
   dist = np.hypot(boxes.centre[index, 0] - origin[0], boxes.centre[index, 1] - origin[1])
@@ -154,20 +204,19 @@ def lidar_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, azimuth0: f
   az = (az + np.pi) % (2 * np.pi) - np.pi
   lo = centre_az + az.min(1) - azimuth0
   hi = centre_az + az.max(1) - azimuth0
-  spans = []
-  for k, i in enumerate(index):
-    if dist[k] <= radius[k] + 0.5:
-      spans.append((int(i), 0, rows, 0, columns))
-      continue
-    j0 = int(np.floor(lo[k] / step)) - 1
-    j1 = int(np.ceil(hi[k] / step)) + 2
-    j0, j1 = j0 % columns, j0 % columns + (j1 - j0)
-    if j1 <= columns:
-      spans.append((int(i), 0, rows, j0, j1))
-    else:
-      spans.append((int(i), 0, rows, j0, columns))
-      spans.append((int(i), 0, rows, 0, min(j1 - columns, columns)))
-  return spans
+  j0 = np.floor(lo / step).astype(np.int64) - 1
+  j1 = np.ceil(hi / step).astype(np.int64) + 2
+  j0, j1 = j0 % columns, j0 % columns + (j1 - j0)
+  # Boxes around the sensor cover every column; the others wrap at most once.
+  inside = dist <= radius + 0.5
+  j0 = np.where(inside, 0, j0)
+  j1 = np.where(inside, columns, j1)
+  index = index.astype(np.int64)
+  zeros, full = np.zeros_like(index), np.full_like(index, rows)
+  first = np.stack([index, zeros, full, j0, np.minimum(j1, columns)], 1)
+  wrap = j1 > columns
+  second = np.stack([index, zeros, full, zeros, np.minimum(j1 - columns, columns)], 1)[wrap]
+  return np.concatenate([first, second])
 
 
 _EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5),
@@ -175,10 +224,11 @@ _EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7
 
 
 def camera_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, cam2global: np.ndarray,
-                 intrinsic: np.ndarray, width: int, height: int, near: float = 0.05):
-  """Pixel spans (rows v, columns u) covered by each box's silhouette, clipped at the near plane."""
+                 intrinsic: np.ndarray, width: int, height: int, near: float = 0.05) -> np.ndarray:
+  """Pixel spans [S, 5] (box, rows v0..v1, columns u0..u1) covered by each box's silhouette,
+  clipped at the near plane."""
   if not len(index):
-    return []
+    return np.zeros((0, 5), np.int64)
   pts = (boxes.select(index).corners() - origin) @ cam2global  # [n, 8, 3] camera frame
   z = pts[..., 2]
   front = z > near
@@ -198,12 +248,10 @@ def camera_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, cam2global
   u1 = np.where(valid, u, -big).max(1)
   v0 = np.where(valid, v, big).min(1)
   v1 = np.where(valid, v, -big).max(1)
-  spans = []
-  for k, i in enumerate(index):
-    if not valid[k].any():
-      continue
-    c0, c1 = max(int(np.floor(u0[k])) - 1, 0), min(int(np.ceil(u1[k])) + 1, width)
-    r0, r1 = max(int(np.floor(v0[k])) - 1, 0), min(int(np.ceil(v1[k])) + 1, height)
-    if c0 < c1 and r0 < r1:
-      spans.append((int(i), r0, r1, c0, c1))
-  return spans
+  seen = valid.any(1)
+  c0 = np.maximum(np.floor(np.where(seen, u0, 0)) - 1, 0).astype(np.int64)
+  c1 = np.minimum(np.ceil(np.where(seen, u1, 0)) + 1, width).astype(np.int64)
+  r0 = np.maximum(np.floor(np.where(seen, v0, 0)) - 1, 0).astype(np.int64)
+  r1 = np.minimum(np.ceil(np.where(seen, v1, 0)) + 1, height).astype(np.int64)
+  keep = seen & (c0 < c1) & (r0 < r1)
+  return np.stack([index.astype(np.int64), r0, r1, c0, c1], 1)[keep]

@@ -11,14 +11,11 @@ import math
 
 import numpy as np
 
-from data_prep.synthetic import raycast, rig
+from data_prep.synthetic import raycast, rig, shading
 from data_prep.synthetic.boxes import Boxes
 from data_prep.synthetic.town import Town
 from data_prep.synthetic.traffic import Scene
 
-SUN = np.array([0.45, 0.3, 0.84]) / np.linalg.norm([0.45, 0.3, 0.84])
-HORIZON = np.array([0.80, 0.85, 0.90], np.float32)
-ZENITH = np.array([0.40, 0.56, 0.85], np.float32)
 CAMERA_RANGE = 130.0
 BOX_PUSH = 0.04  # LiDAR hits on boxes are moved this far inside so points_in_box counts them
 
@@ -56,8 +53,9 @@ def lidar_sweep(world: World, t: float, rng: np.random.Generator):
   el = np.radians(rig.LIDAR_ELEVATIONS_DEG)[:, None]
   azimuth0 = math.atan2(rot[1, 0], rot[0, 0])
   az = azimuth0 + 2 * np.pi * np.arange(cols)[None, :] / cols
+  # [3, rows, cols] planar global unit directions, float64: the stored points keep full precision.
   dirs = np.stack(np.broadcast_arrays(np.cos(el) * np.cos(az), np.cos(el) * np.sin(az),
-                                      np.sin(el) + 0 * az), -1)
+                                      np.sin(el) + 0 * az))
   boxes = world.boxes_at(t)
   index = raycast.near_boxes(boxes, origin, rig.LIDAR_MAX_RANGE)
   spans = raycast.lidar_spans(boxes, index, origin, azimuth0, cols, rows)
@@ -71,8 +69,7 @@ def lidar_sweep(world: World, t: float, rng: np.random.Generator):
                        rig.MATERIAL_INTENSITY[hits.material])
   intensity = intensity + rng.uniform(-rig.INTENSITY_NOISE, rig.INTENSITY_NOISE, intensity.shape)
   ring = np.broadcast_to(np.arange(rows)[:, None], (rows, cols))
-  p_global = origin + t_hit[keep][:, None] * dirs[keep]
-  p_lidar = (p_global - origin) @ rot
+  p_lidar = (t_hit[keep] * dirs[:, keep]).T @ rot
   points = np.concatenate([p_lidar, intensity[keep][:, None], ring[keep][:, None]], 1)
   return points.astype(np.float32), hits, boxes
 
@@ -91,81 +88,14 @@ def camera_render(world: World, channel: str, t: float, width: int, height: int)
   """
   rot, origin = camera_pose(world, channel, t)
   k = rig.camera_intrinsic(channel, width, height)
-  u = (np.arange(width) + 0.5 - k[0, 2]) / k[0, 0]
-  v = (np.arange(height) + 0.5 - k[1, 2]) / k[1, 1]
-  d_cam = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((1, 1))), -1)
-  # [H, W, 3] global, unit optical-axis component so t is z-depth; float32 halves the cost.
-  dirs = (d_cam @ rot.T).astype(np.float32)
+  u = ((np.arange(width) + 0.5 - k[0, 2]) / k[0, 0]).astype(np.float32)[None, :]
+  v = ((np.arange(height) + 0.5 - k[1, 2]) / k[1, 1]).astype(np.float32)[:, None]
+  # [3, H, W] planar global directions of (u, v, 1) in the camera frame: unit optical-axis
+  # component so t is z-depth; float32 halves the cost of the box tests.
+  rot32 = rot.astype(np.float32)
+  dirs = np.stack([rot32[i, 0] * u + (rot32[i, 1] * v + rot32[i, 2]) for i in range(3)])
   boxes = world.boxes_at(t)
   index = raycast.near_boxes(boxes, origin, CAMERA_RANGE)
   spans = raycast.camera_spans(boxes, index, origin, rot, k, width, height)
   hits = raycast.cast_grid(world.town, boxes, origin, dirs, spans, CAMERA_RANGE)
-  rgb = shade(world.town, boxes, origin, dirs, hits)
-  return (np.clip(rgb * 255.0 + 0.5, 0, 255)).astype(np.uint8), hits.t.astype(np.float32)
-
-
-def shade(town: Town, boxes: Boxes, origin: np.ndarray, dirs: np.ndarray, hits) -> np.ndarray:
-  """Colour [R, C, 3] in 0-1 of every ray: textured ground, patterned boxes, sky, light fog."""
-  norm = np.sqrt(np.einsum('...k,...k->...', dirs, dirs))
-  elev = np.clip(dirs[..., 2] / norm, 0.0, 1.0)[..., None]
-  out = HORIZON * (1 - elev) + ZENITH * elev
-  t = np.where(np.isfinite(hits.t), hits.t, 0.0).astype(np.float32)
-  p = origin.astype(np.float32) + t[..., None] * dirs
-  ground = (hits.hit == raycast.GROUND) | (hits.hit == raycast.CURB)
-  if ground.any():
-    gp = p[ground]
-    tex = town.texture_at(gp[:, 0], gp[:, 1]).astype(np.float32) / 255.0
-    albedo = rig.MATERIAL_ALBEDO[hits.material[ground]] * (0.82 + 0.36 * tex)[:, None]
-    light = np.where(hits.hit[ground] == raycast.CURB, 0.75, 0.55 + 0.45 * SUN[2])
-    out[ground] = albedo * light[:, None]
-  on_box = hits.hit >= 0
-  if on_box.any():
-    out[on_box] = _shade_boxes(boxes, hits.hit[on_box], hits.face[on_box], p[on_box])
-  dist = t * norm
-  fog = (1.0 - np.exp(-dist / 350.0))[..., None] * (hits.hit != raycast.SKY)[..., None]
-  return out * (1 - fog) + HORIZON * fog
-
-
-def _shade_boxes(boxes: Boxes, idx, face, p) -> np.ndarray:
-  """Albedo pattern x Lambert shading for box hits (p [M, 3] global hit points)."""
-  c, s = np.cos(boxes.yaw[idx]), np.sin(boxes.yaw[idx])
-  rel = p - boxes.centre[idx]
-  lx = rel[:, 0] * c + rel[:, 1] * s  # along the length
-  ly = -rel[:, 0] * s + rel[:, 1] * c
-  size = boxes.size[idx]
-  zb = rel[:, 2] + size[:, 2] / 2  # height above the box bottom
-  axis = face // 2
-  sign = np.where(face % 2 == 1, 1.0, -1.0)
-  n_local = np.zeros((len(idx), 3))
-  n_local[np.arange(len(idx)), axis] = sign
-  normal = np.stack([n_local[:, 0] * c - n_local[:, 1] * s, n_local[:, 0] * s + n_local[:, 1] * c,
-                     n_local[:, 2]], 1)
-  light = 0.5 + 0.5 * np.clip(normal @ SUN, 0.0, 1.0)
-  col = boxes.colour[idx].astype(np.float64)
-  kind = boxes.kind[idx]
-  k = rig.BOX_KIND_ID
-  side = axis < 2
-  h = size[:, 2]
-  along = np.where(axis == 0, ly, lx)
-  # Buildings: window grid on facades, flat grey roofs.
-  b = kind == k['building']
-  win = (b & side & ((along / 3.2) % 1.0 > 0.3) & ((along / 3.2) % 1.0 < 0.75)
-         & ((zb / 3.4) % 1.0 > 0.35) & ((zb / 3.4) % 1.0 < 0.8) & (zb > 2.0))
-  col[win] = (0.18, 0.24, 0.33)
-  col[b & ~side] = col[b & ~side] * 0.6
-  # Vehicles and two-wheelers: dark wheels band, glass band on the sides.
-  v = (kind == k['vehicle']) | (kind == k['cycle'])
-  col[v & (zb < 0.28 * h)] = (0.06, 0.06, 0.07)
-  col[v & side & (zb > 0.58 * h) & (zb < 0.88 * h)] = (0.14, 0.17, 0.22)
-  # Pedestrians: head, shirt, trousers.
-  ped = kind == k['pedestrian']
-  col[ped & (zb > 0.86 * h)] = (0.86, 0.66, 0.52)
-  col[ped & (zb < 0.47 * h)] *= 0.35
-  cone = kind == k['cone']
-  col[cone & (zb > 0.45 * h) & (zb < 0.65 * h)] = (0.95, 0.95, 0.95)
-  bar = kind == k['barrier']
-  col[bar & ((lx / 0.6) % 1.0 < 0.5)] = (0.85, 0.1, 0.1)
-  crown = kind == k['tree_crown']
-  grain = 0.75 + 0.5 * (0.5 + 0.5 * np.sin(p[:, 0] * 5.1 + np.sin(p[:, 1] * 4.3) * 3 + p[:, 2] * 6.7))
-  col[crown] *= grain[crown, None]
-  return col * light[:, None]
+  return shading.shade(world.town, boxes, origin, dirs, hits), hits.t.astype(np.float32)

@@ -8,6 +8,7 @@ Frame: the global (map) frame, x east, y north, metres; z = 0 on the road surfac
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -53,18 +54,26 @@ class Town:
 
   def material_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Ground material id at global (x, y) metres (grass outside the raster)."""
-    ix = np.floor(x / RES).astype(np.int64)
-    iy = np.floor(y / RES).astype(np.int64)
-    h, w = self.material.shape
-    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    out = np.full(ix.shape, rig.MATERIAL_ID['grass'], np.uint8)
-    out[inside] = self.material[iy[inside], ix[inside]]
-    return out
+    return self._padded_material.take(self._padded_index(x, y))
 
   def texture_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    ix = np.clip(np.floor(x / RES).astype(np.int64), 0, self.texture.shape[1] - 1)
-    iy = np.clip(np.floor(y / RES).astype(np.int64), 0, self.texture.shape[0] - 1)
-    return self.texture[iy, ix]
+    """Texture value (uint8) at global (x, y) metres (the border cell's outside the raster)."""
+    h, w = self.texture.shape
+    ix = np.clip(np.floor(x / RES), 0, w - 1).astype(np.int64)
+    iy = np.clip(np.floor(y / RES), 0, h - 1).astype(np.int64)
+    return self.texture.take(iy * w + ix)
+
+  @functools.cached_property
+  def _padded_material(self) -> np.ndarray:
+    """The material raster with a one-cell grass border, flattened [(H + 2) * (W + 2)]: every
+    point outside the raster clamps onto the border, so a lookup is one gather."""
+    return np.pad(self.material, 1, constant_values=rig.MATERIAL_ID['grass']).ravel()
+
+  def _padded_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    h, w = self.material.shape
+    ix = np.clip(np.floor(x / RES), -1, w).astype(np.int64)
+    iy = np.clip(np.floor(y / RES), -1, h).astype(np.int64)
+    return (iy + 1) * (w + 2) + (ix + 1)
 
 
 def _positions(rng, n, lo, hi, margin):
