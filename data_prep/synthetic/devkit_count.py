@@ -42,3 +42,20 @@ def count_points_in_box(center, wlh, orientation: Quaternion, points: np.ndarray
   mask = ((0 <= iv) & (iv <= np.dot(i, i)) & (0 <= jv) & (jv <= np.dot(j, j))
           & (0 <= kv) & (kv <= np.dot(k, k)))
   return int(mask.sum())
+
+
+class SortedPoints:
+  """Points [N, 3] (sensor frame) sorted by x, so that a box is tested only against the points
+  within its bounding sphere's x range. The inside test is elementwise, so the count on that
+  slab equals count_points_in_box on all the points."""
+
+  def __init__(self, points: np.ndarray):
+    order = np.argsort(points[:, 0], kind='stable')
+    self.x = points[order, 0]
+    self.xyz = np.ascontiguousarray(points[order].T)  # [3, N], the dtype of `points`
+
+  def count_in_box(self, center, wlh, orientation: Quaternion) -> int:
+    radius = 0.5 * float(np.linalg.norm(wlh)) + 1e-3
+    lo = np.searchsorted(self.x, center[0] - radius, side='left')
+    hi = np.searchsorted(self.x, center[0] + radius, side='right')
+    return count_points_in_box(center, wlh, orientation, self.xyz[:, lo:hi])

@@ -94,8 +94,9 @@ def town_map(town: Town, seed: int) -> dict:
 
 
 def write_map_json(path: str, data: dict) -> None:
+  text = json.dumps(data, separators=(',', ':'))  # the C encoder; json.dump is pure Python
   with open(path, 'w') as f:
-    json.dump(data, f, separators=(',', ':'))
+    f.write(text)
 
 
 def write_map_png(path: str, town: Town) -> None:

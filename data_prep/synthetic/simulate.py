@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.synthetic import rig, sensors
-from data_prep.synthetic.devkit_count import box_in_sensor, count_points_in_box
+from data_prep.synthetic.devkit_count import SortedPoints, box_in_sensor
 from data_prep.synthetic.tables import token
 from data_prep.synthetic.town import build_town
 from data_prep.synthetic.traffic import build_scene
@@ -177,6 +177,7 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
     d = np.hypot(boxes.centre[obj, 0] - pose['translation'][0], boxes.centre[obj, 1] - pose['translation'][1])
     in_range[f, boxes.instance[obj][d < ANNOTATION_RANGE]] = True
   cs = calib[rig.LIDAR]
+  sorted_points = {f: SortedPoints(key_hits[f][0][:, :3]) for f in range(nframes)}
   for i in np.nonzero(in_range.any(0))[0]:
     frames = np.nonzero(in_range[:, i])[0]
     span = range(int(frames[0]), int(frames[-1]) + 1)
@@ -190,8 +191,7 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
       size = [float(v) for v in boxes.size[b]]
       rotation = [float(v) for v in rig.yaw_quaternion(float(boxes.yaw[b]))]
       # num_lidar_pts exactly as the devkit counts it on the stored key-frame sweep.
-      npts = count_points_in_box(*box_in_sensor(translation, size, rotation, pose, cs),
-                                 points[:, :3].T)
+      npts = sorted_points[f].count_in_box(*box_in_sensor(translation, size, rotation, pose, cs))
       seen = int((hits.hit == b).sum())
       frac = seen / hits.box_any[b] if hits.box_any[b] else 0.0
       vis = '1' if frac < 0.4 else '2' if frac < 0.6 else '3' if frac < 0.8 else '4'

@@ -35,10 +35,15 @@ def visibility_rows() -> list:
           for t, level in rig.VISIBILITY]
 
 
-def write_table(path: str, rows: list) -> None:
-  """One table as a JSON list (deterministic formatting)."""
+def write_table(path: str, rows) -> None:
+  """One table as JSON (deterministic formatting): a list gets one row per line. json.dumps
+  without indent runs the C encoder (json.dump and any indent run the pure-Python one)."""
+  if isinstance(rows, list):
+    text = '[\n' + ',\n'.join(json.dumps(r, separators=(',', ':')) for r in rows) + '\n]'
+  else:
+    text = json.dumps(rows, separators=(',', ':'))
   with open(path, 'w') as f:
-    json.dump(rows, f, indent=0, separators=(',', ':'))
+    f.write(text)
 
 
 def write_tables(root: str, tables: dict) -> None:

@@ -82,11 +82,12 @@ def _positions(rng, n, lo, hi, margin):
 
 
 def _texture(rng, shape) -> np.ndarray:
-  """uint8 texture: 4 m blotches plus per-cell grain."""
-  coarse = rng.random((shape[0] // 40 + 2, shape[1] // 40 + 2)).astype(np.float32)
+  """uint8 texture: 4 m blotches plus per-cell grain, each 0-127 (integer maths: no float pass
+  over the full raster)."""
+  coarse = (rng.random((shape[0] // 40 + 2, shape[1] // 40 + 2)) * 128).astype(np.uint8)
   coarse = np.repeat(np.repeat(coarse, 40, 0), 40, 1)[:shape[0], :shape[1]]
-  grain = rng.random(shape, dtype=np.float32)
-  return (np.clip(coarse * 0.6 + grain * 0.4, 0, 1) * 255).astype(np.uint8)
+  grain = np.frombuffer(rng.bytes(shape[0] * shape[1]), np.uint8).reshape(shape) >> 1
+  return grain + coarse
 
 
 def build_town(seed: int, location_index: int) -> Town:

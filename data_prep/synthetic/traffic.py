@@ -7,6 +7,7 @@ metres; times in seconds from the scene start.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from data_prep.synthetic.boxes import Boxes, make_boxes
 from data_prep.synthetic.town import LANE_DM, RES, Town
 
 _DIRS = ((1, 0), (0, 1), (-1, 0), (0, -1))
+ROUTE_STEP = 0.25  # metres between route samples
 
 
 class Route:
@@ -26,7 +28,7 @@ class Route:
     points = points[keep]
     s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
     self.length = float(s[-1])
-    self.s = np.arange(0.0, self.length, 0.25)
+    self.s = np.arange(0.0, self.length, ROUTE_STEP)
     self.xy = np.stack([np.interp(self.s, s, points[:, 0]), np.interp(self.s, s, points[:, 1])], 1)
     d = np.gradient(self.xy, axis=0)
     self.heading = np.unwrap(np.arctan2(d[:, 1], d[:, 0]))
@@ -110,34 +112,64 @@ class Scene:
 
   def boxes_at(self, t: float) -> Boxes:
     """Object boxes (instance = index into `objects`) at time t, with velocities."""
-    n = len(self.objects)
-    centre, size, yaw, kind, colour, vel = (np.zeros((n, 3)), np.zeros((n, 3)), np.zeros(n),
-                                            np.zeros(n, np.int32), np.zeros((n, 3)), np.zeros((n, 2)))
-    for i, o in enumerate(self.objects):
-      if o.route is None:
-        x, y, z, a = o.pose
-        v = (0.0, 0.0)
-      else:
-        s = o.s0 + o.speed * t
-        sign = 1.0
-        if o.bounce:
-          period = 2 * o.route.length
-          s = s % period
-          sign = 1.0 if s < o.route.length else -1.0
-          s = s if s < o.route.length else period - s
-        x, y, a = o.route.at(s)
-        if sign < 0:
-          a = a + np.pi
-        z = o.pose[2]
-        moving = o.speed > 0 and (o.bounce or s < o.route.length)
-        v = (np.cos(a) * o.speed, np.sin(a) * o.speed) if moving else (0.0, 0.0)
-      centre[i] = (x, y, z + o.size[2] / 2)
-      size[i] = o.size
-      yaw[i] = a
-      kind[i] = rig.BOX_KIND_ID[rig.CLASSES[o.cls][2]]
-      colour[i] = o.colour
-      vel[i] = v
-    return make_boxes(centre, size, yaw, kind, colour, np.arange(n), vel)
+    return self._tracks.boxes_at(t)
+
+  @functools.cached_property
+  def _tracks(self) -> '_Tracks':
+    return _Tracks(self.objects)
+
+
+class _Tracks:
+  """The objects of a scene as arrays, so that their boxes at any time take a few vectorised
+  operations. Routes are concatenated; all are sampled every ROUTE_STEP metres from 0."""
+
+  def __init__(self, objects: list):
+    n = len(objects)
+    self.size = np.array([o.size for o in objects], np.float64).reshape(n, 3)
+    self.kind = np.array([rig.BOX_KIND_ID[rig.CLASSES[o.cls][2]] for o in objects], np.int32)
+    self.colour = np.array([o.colour for o in objects], np.float64).reshape(n, 3)
+    pose = np.array([o.pose for o in objects], np.float64).reshape(n, 4)
+    self.static = pose
+    self.moving = np.array([i for i, o in enumerate(objects) if o.route is not None], np.int64)
+    routes = [objects[i].route for i in self.moving]
+    self.speed = np.array([objects[i].speed for i in self.moving], np.float64)
+    self.s0 = np.array([objects[i].s0 for i in self.moving], np.float64)
+    self.bounce = np.array([objects[i].bounce for i in self.moving], bool)
+    self.length = np.array([r.length for r in routes], np.float64)
+    counts = np.array([len(r.s) for r in routes], np.int64)
+    self.offset = np.cumsum(counts) - counts
+    self.last = counts - 1
+    self.s_last = np.array([r.s[-1] for r in routes], np.float64)
+    self.track = np.concatenate([np.concatenate([r.xy, r.heading[:, None]], 1) for r in routes]
+                                ) if routes else np.zeros((0, 3))
+
+  def _interp(self, s: np.ndarray) -> np.ndarray:
+    """[M, 3] (x, y, yaw) of every moving object at arclength s [M], clamped to its route; the
+    piecewise-linear interpolation of Route.at on the uniform ROUTE_STEP grid."""
+    s = np.clip(s, 0.0, self.s_last)
+    j = np.minimum(np.floor(s / ROUTE_STEP).astype(np.int64), self.last)
+    a = self.track[self.offset + j]
+    b = self.track[self.offset + np.minimum(j + 1, self.last)]
+    return a + (b - a) * ((s - j * ROUTE_STEP) / ROUTE_STEP)[:, None]
+
+  def boxes_at(self, t: float) -> Boxes:
+    x, y, z, yaw = self.static.T.copy()
+    vel = np.zeros((len(x), 2))
+    if len(self.moving):
+      s = self.s0 + self.speed * t
+      period = 2 * self.length
+      wrapped = s % np.where(self.bounce, period, 1.0)
+      back = self.bounce & (wrapped >= self.length)
+      s = np.where(self.bounce, np.where(back, period - wrapped, wrapped), s)
+      pos = self._interp(s)
+      heading = pos[:, 2] + np.where(back, np.pi, 0.0)
+      moving = (self.speed > 0) & (self.bounce | (s < self.length))
+      m = self.moving
+      x[m], y[m], yaw[m] = pos[:, 0], pos[:, 1], heading
+      vel[m] = np.where(moving[:, None],
+                        np.stack([np.cos(heading), np.sin(heading)], 1) * self.speed[:, None], 0.0)
+    centre = np.stack([x, y, z + self.size[:, 2] / 2], 1)
+    return make_boxes(centre, self.size, yaw, self.kind, self.colour, np.arange(len(x)), vel)
 
 
 def _size(rng, cls):
