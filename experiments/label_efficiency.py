@@ -1,0 +1,247 @@
+r"""The label-efficiency grid: {scratch, pre-trained} x label fractions x seeds (+ ablations).
+
+  python -m experiments.label_efficiency \
+      --flagfile=experiments/configs/label_efficiency_cpu.flags
+
+Pre-training runs first, once (<results_dir>/pretrain); then every fine-tuning cell
+(<results_dir>/ft_<init>_f<fraction>_s<seed>) with the same number of steps at every fraction.
+A cell whose result.json exists is skipped and an interrupted cell resumes from its checkpoint,
+so re-running the command continues the grid. After every cell the summary is rewritten:
+<out_prefix>.csv (one row per cell), <out_prefix>.md (mean +- std over seeds per fraction, and
+the gain) and <out_prefix>.png (mIoU vs label fraction with the seed spread).
+
+Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
+with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+
+from absl import flags
+
+from experiments import flags as nsflags
+
+_FRACTIONS = flags.DEFINE_list('fractions', ['0.01', '0.05', '0.1', '1.0'],
+                               'Label fractions of the grid.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+                           'Fine-tuning seeds (parameter init, data order and label subset).')
+_RESULTS_DIR = flags.DEFINE_string('results_dir', 'runs/label_efficiency',
+                                   'Where the pre-training and every cell write their workdirs.')
+_OUT_PREFIX = flags.DEFINE_string('out_prefix', '',
+                                  'Path prefix of the CSV/markdown/PNG summary (default '
+                                  '<results_dir>/label_efficiency).')
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 0, 'Pre-training steps (0 = '
+                                       '--num_train_steps).')
+_FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 0, 'Fine-tuning steps of every cell, '
+                                       'at every fraction (0 = --num_train_steps).')
+_FINETUNE_LR = flags.DEFINE_float('finetune_learning_rate', 0.0,
+                                  'Fine-tuning peak learning rate (0 = --learning_rate).')
+_INITS = flags.DEFINE_list('inits', ['scratch', 'pretrained'], 'Which initialisations to run.')
+_ABLATIONS = flags.DEFINE_list('ablations', [], 'Pre-training ablations to fine-tune at '
+                               '--ablation_fraction: ' + ', '.join(
+                                   ['no_bev', 'no_perspective', 'no_depth', 'no_color',
+                                    'no_mask']))
+_ABLATION_FRACTION = flags.DEFINE_float('ablation_fraction', 0.05,
+                                        'The label fraction of the ablation cells.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', '', 'Persistent XLA compilation cache dir shared by the cells (every '
+    'cell compiles the same program); empty = <results_dir>/xla_cache, "none" = off.')
+
+# Config overrides that switch one part of pre-training off.
+ABLATIONS = {
+    'no_bev': dict(bev_color_weight=0.0, bev_depth_weight=0.0),
+    'no_perspective': dict(perspective_color_weight=0.0, perspective_depth_weight=0.0),
+    'no_depth': dict(bev_depth_weight=0.0, perspective_depth_weight=0.0),
+    'no_color': dict(bev_color_weight=0.0, perspective_color_weight=0.0),
+    'no_mask': dict(image_mask_ratio=0.0, lidar_mask_ratio=0.0),
+}
+CSV_FIELDS = ['init', 'fraction', 'seed', 'miou', 'drivable_area', 'ped_crossing', 'walkway',
+              'stop_line', 'carpark_area', 'divider', 'train_frames', 'steps', 'wall_s']
+
+
+def cell_name(init: str, fraction: float, seed: int) -> str:
+  return f'ft_{init}_f{fraction:g}_s{seed}'
+
+
+def plan(fractions, seeds, inits=('scratch', 'pretrained'), ablations=(),
+         ablation_fraction=0.05) -> list[tuple[str, float, int]]:
+  """(init, fraction, seed) of every cell, seed-major so a partial grid has whole seeds; init
+  is 'scratch', 'pretrained' or 'pretrained:<ablation>'."""
+  cells = [(init, f, s) for s in seeds for f in fractions for init in inits]
+  cells += [(f'pretrained:{a}', ablation_fraction, s) for a in ablations for s in seeds]
+  return cells
+
+
+def pretrain_dir(results_dir: str, ablation: str = '') -> str:
+  return os.path.join(results_dir, 'pretrain' + (f'_{ablation}' if ablation else ''))
+
+
+def _stats(values):
+  n = len(values)
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return mean, std, min(values), max(values)
+
+
+def collect(results_dir: str, cells) -> list[dict]:
+  """CSV rows of the finished cells (those with a result.json)."""
+  from nsmae_jax.finetune.metrics import MAP_CLASSES  # pylint: disable=import-outside-toplevel
+  rows = []
+  for init, fraction, seed in cells:
+    path = os.path.join(results_dir, cell_name(init.replace(':', '-'), fraction, seed),
+                        'result.json')
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    row = dict(init=init, fraction=fraction, seed=seed, miou=r['eval_miou'],
+               train_frames=r.get('train_frames', ''), steps=r.get('steps', ''),
+               wall_s=round(r.get('wall_s', 0.0), 1))
+    row.update({c: r[f'eval_iou/{c}'] for c in MAP_CLASSES})
+    rows.append(row)
+  return rows
+
+
+def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
+  """Writes <out_prefix>.csv, .md and .png from the cell rows (partial grids too)."""
+  os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
+  with open(out_prefix + '.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f'{r[k]:.6f}' if isinstance(r[k], float) and k != 'fraction' else r[k])
+                  for k in CSV_FIELDS})
+  groups: dict[tuple[str, float], list[float]] = {}
+  for r in rows:
+    groups.setdefault((r['init'], r['fraction']), []).append(100 * r['miou'])
+  fractions = sorted({f for _, f in groups})
+  inits = sorted({i for i, _ in groups}, key=lambda i: (i != 'scratch', i))
+  lines = [f'# {title}' if title else '# Label efficiency (BEV map segmentation mIoU, %)', '',
+           'mIoU in % on the whole val split (BEVFusion metric: per class max IoU over thresholds '
+           '0.35..0.65), mean +- sample std over seeds (n = seeds finished); gain = pre-trained '
+           'mean - scratch mean.', '',
+           '| label fraction | ' + ' | '.join(inits) + ' | gain (pre-trained - scratch) |',
+           '|---' * (len(inits) + 2) + '|']
+  for fr in fractions:
+    cells = []
+    for init in inits:
+      v = groups.get((init, fr))
+      if v:
+        mean, std, _, _ = _stats(v)
+        cells.append(f'{mean:.2f} +- {std:.2f} (n={len(v)})')
+      else:
+        cells.append('not run')
+    s, p = groups.get(('scratch', fr)), groups.get(('pretrained', fr))
+    gain = f'{_stats(p)[0] - _stats(s)[0]:+.2f}' if s and p else 'n/a'
+    lines.append(f'| {100 * fr:g}% | ' + ' | '.join(cells) + f' | {gain} |')
+  with open(out_prefix + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  _plot(groups, out_prefix + '.png', title)
+
+
+def _plot(groups, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for init in sorted({i for i, _ in groups}, key=lambda i: (i != 'scratch', i)):
+    frs = sorted(f for i, f in groups if i == init)
+    stats = [_stats(groups[(init, f)]) for f in frs]
+    xs = [100 * f for f in frs]
+    means = [s[0] for s in stats]
+    ax.plot(xs, means, marker='o', label=init)
+    ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2)
+    for f in frs:
+      ax.scatter([100 * f] * len(groups[(init, f)]), groups[(init, f)], s=8, alpha=0.6)
+  ax.set_xscale('log')
+  ax.set_xlabel('label fraction (% of training key frames)')
+  ax.set_ylabel('mIoU (%)')
+  ax.set_title(title or 'BEV map segmentation: mean over seeds, band = min..max')
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _enable_compilation_cache(directory: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(directory))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'pretrained'),
+             ablations=(), ablation_fraction=0.05, pretrain_steps=0, finetune_steps=0,
+             finetune_learning_rate=0.0, out_prefix='', log=print) -> list[dict]:
+  """Runs every unfinished cell of the grid (pre-training first); returns the CSV rows."""
+  # pylint: disable=import-outside-toplevel
+  from experiments.finetune_bevseg import finetune
+  from nsmae_jax import train
+  out_prefix = out_prefix or os.path.join(results_dir, 'label_efficiency')
+  cells = plan(fractions, seeds, inits, ablations, ablation_fraction)
+  for ab in ablations:
+    if ab not in ABLATIONS:
+      raise ValueError(f'--ablations: unknown ablation {ab!r}; known: {sorted(ABLATIONS)}')
+  pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps)
+  for ab in [''] * any(i != 'scratch' for i in inits) + list(ablations):
+    wd = pretrain_dir(results_dir, ab)
+    if os.path.exists(os.path.join(wd, 'done.json')):
+      continue
+    log(f'== pre-training {ab or "(full NS-MAE)"} -> {wd}')
+    t0 = time.time()
+    res = train.train_and_evaluate(pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {})), wd)
+    with open(os.path.join(wd, 'done.json'), 'w') as f:
+      json.dump(dict(res, wall_s=time.time() - t0), f, indent=1)
+  ft_cfg = config.replace(
+      num_train_steps=finetune_steps or config.train.num_train_steps, eval_batches=0,
+      learning_rate=finetune_learning_rate or config.train.learning_rate)
+  for init, fraction, seed in cells:
+    wd = os.path.join(results_dir, cell_name(init.replace(':', '-'), fraction, seed))
+    if os.path.exists(os.path.join(wd, 'result.json')):
+      continue
+    ablation = init.split(':')[1] if ':' in init else ''
+    init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
+    cfg = ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
+                         subset_seed=seed, seed=seed)
+    log(f'== {init} fraction {fraction:g} seed {seed} -> {wd}')
+    t0 = time.time()
+    res = finetune(cfg, wd)
+    res['wall_s'] = time.time() - t0
+    res['steps'] = cfg.train.num_train_steps
+    with open(os.path.join(wd, 'result.json')) as f:
+      saved = json.load(f)
+    saved.update(wall_s=res['wall_s'], steps=res['steps'])
+    with open(os.path.join(wd, 'result.json'), 'w') as f:
+      json.dump(saved, f, indent=1)
+    log(f'   mIoU {100 * res.get("eval_miou", float("nan")):.2f} in {res["wall_s"]:.0f} s')
+    write_summary(collect(results_dir, cells), out_prefix)
+  rows = collect(results_dir, cells)
+  write_summary(rows, out_prefix)
+  return rows
+
+
+def main(argv):
+  del argv
+  config = nsflags.config_from_flags()
+  results_dir = _RESULTS_DIR.value
+  if _COMPILATION_CACHE.value != 'none':
+    _enable_compilation_cache(_COMPILATION_CACHE.value or os.path.join(results_dir, 'xla_cache'))
+  t0 = time.time()
+  rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
+                  [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
+                  ablations=tuple(_ABLATIONS.value), ablation_fraction=_ABLATION_FRACTION.value,
+                  pretrain_steps=_PRETRAIN_STEPS.value, finetune_steps=_FINETUNE_STEPS.value,
+                  finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value)
+  print(f'{len(rows)} cells finished; this invocation took {time.time() - t0:.0f} s', flush=True)
+
+
+if __name__ == '__main__':
+  nsflags.adopt_into_main()
+  nsflags.run(main)

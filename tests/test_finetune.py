@@ -1,0 +1,126 @@
+"""Fine-tuning: backbone restored from a pre-training checkpoint, fresh head, scratch loads
+nothing; the segmentation loss against closed forms; one loop run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from nsmae_jax.data.fake import FakeIterator, fake_batch
+from nsmae_jax.finetune import bevseg_task, init_from_pretrained, seg_loss
+from nsmae_jax.finetune.task import _leaves
+from nsmae_jax.train.checkpointing import Checkpointer
+
+
+@pytest.fixture(scope='module')
+def fresh_params():
+  config = tiny_config()
+  task = bevseg_task(config)
+  params = task.init_params(jax.random.PRNGKey(0), fake_batch(config, 1))
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def _save_pretrain_checkpoint(workdir, backbone, step=7):
+  """A pre-training-shaped checkpoint: state {'step', 'params': {'backbone', 'field'}}."""
+  state = {'step': np.int32(step),
+           'params': {'backbone': backbone, 'field': {'out': {'kernel': np.ones((4, 4), np.float32)}}}}
+  ckpt = Checkpointer(str(workdir), async_save=False)
+  ckpt.save(step, state, {'next_batch': 3}, force=True)
+  ckpt.close()
+
+
+def test_loaded_leaves_equal_the_checkpoint_and_head_stays_fresh(fresh_params, tmp_path):
+  rng = np.random.default_rng(0)
+  saved = jax.tree_util.tree_map(
+      lambda a: (a + rng.normal(size=a.shape)).astype(a.dtype), fresh_params['backbone'])
+  _save_pretrain_checkpoint(tmp_path / 'pre', saved)
+  params, report = init_from_pretrained(fresh_params, str(tmp_path / 'pre'))
+  assert report['step'] == 7
+  backbone_paths = [p for p, _ in _leaves(fresh_params) if p.startswith('backbone/')]
+  head_paths = [p for p, _ in _leaves(fresh_params) if p.startswith('head/')]
+  assert report['loaded'] == backbone_paths and len(backbone_paths) > 10
+  assert report['fresh'] == head_paths and head_paths
+  assert report['loaded_params'] == sum(np.size(a) for a in jax.tree_util.tree_leaves(saved))
+  for (p1, got), (p2, want) in zip(_leaves(params['backbone']), _leaves(saved)):
+    assert p1 == p2
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=p1)
+  for (p1, got), (_, want) in zip(_leaves(params['head']), _leaves(fresh_params['head'])):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=p1)
+
+
+def test_scratch_loads_nothing(fresh_params, tmp_path):
+  config = tiny_config(init_workdir='')
+  task = bevseg_task(config, str(tmp_path / 'ft'))
+  params = task.prepare_params(fresh_params)
+  for (p1, got), (_, want) in zip(_leaves(params), _leaves(fresh_params)):
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=p1)
+  with open(tmp_path / 'ft' / 'init_report.json') as f:
+    report = json.load(f)
+  assert report['loaded'] == [] and report['step'] is None
+  assert len(report['fresh']) == len(jax.tree_util.tree_leaves(fresh_params))
+
+
+def test_prepare_params_restores_through_the_task(fresh_params, tmp_path):
+  saved = jax.tree_util.tree_map(lambda a: a * 0 + 0.5, fresh_params['backbone'])
+  _save_pretrain_checkpoint(tmp_path / 'pre', saved, step=3)
+  config = tiny_config(init_workdir=str(tmp_path / 'pre'))
+  params = bevseg_task(config, str(tmp_path / 'ft')).prepare_params(fresh_params)
+  assert all(np.all(np.asarray(a) == 0.5) for a in jax.tree_util.tree_leaves(params['backbone']))
+  with open(tmp_path / 'ft' / 'init_report.json') as f:
+    assert json.load(f)['step'] == 3
+
+
+def test_mismatched_checkpoint_names_the_leaf(fresh_params, tmp_path):
+  bad = jax.tree_util.tree_map(np.asarray, fresh_params['backbone'])
+  bad = dict(bad, fusion=dict(bad['fusion'], bev_conv={'kernel': np.zeros((1, 1, 1, 1)),
+                                                       'bias': bad['fusion']['bev_conv']['bias']}))
+  _save_pretrain_checkpoint(tmp_path / 'pre', bad)
+  with pytest.raises(ValueError, match='bev_conv/kernel'):
+    init_from_pretrained(fresh_params, str(tmp_path / 'pre'))
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    init_from_pretrained(fresh_params, str(tmp_path / 'empty'))
+
+
+def test_seg_loss_matches_closed_forms():
+  logits = np.array([[2.0, -1.0], [0.5, -3.0]], np.float32)  # [cells, classes]
+  labels = np.array([[1, 0], [0, 1]], np.float32)
+  p = 1 / (1 + np.exp(-logits))
+  ce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  pt = np.where(labels > 0, p, 1 - p)
+  np.testing.assert_allclose(seg_loss(logits, labels, 'bce'), ce.mean(0).sum(), rtol=1e-5)
+  np.testing.assert_allclose(seg_loss(logits, labels, 'focal'),
+                             (ce * (1 - pt) ** 2).mean(0).sum(), rtol=1e-5)
+  with pytest.raises(ValueError, match='--seg_loss'):
+    seg_loss(logits, labels, 'dice')
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_finetune_loop_end_to_end(tmp_path):
+  from nsmae_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  config = tiny_config(str(tmp_path), num_train_steps=2, image_every_steps=2,
+                       checkpoint_every_steps=2, eval_batches=0)
+  devices = jax.local_device_count()
+
+  def eval_batches():
+    for k in range(2):
+      b = FakeIterator(config, devices, seed=50 + k).__next__()
+      b['valid'] = np.array([[True]] * devices) if k == 0 else np.array([[True]] + [[False]] * (
+          devices - 1))
+      yield b
+
+  workdir = config.train.workdir
+  result = train_and_evaluate(config, workdir, task=bevseg_task(config, workdir),
+                              train_iterator=FakeIterator(config, devices),
+                              eval_batches_fn=eval_batches)
+  assert 0.0 <= result['eval_miou'] <= 1.0
+  assert result['eval_examples'] == devices + 1  # padding slots are not counted
+  assert os.path.exists(os.path.join(workdir, 'images', 'bev_pred_vs_gt_000002.png'))
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(ln) for ln in f]
+  assert any('eval_miou' in ln for ln in lines) and any('seg_loss' in ln for ln in lines)
