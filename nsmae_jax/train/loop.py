@@ -82,7 +82,8 @@ def evaluate(task: Task, p_eval, rparams, rng, batches, max_batches: int) -> dic
 def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | None = None,
                        train_iterator: Any = None,
                        eval_batches_fn: Callable[[], Iterable[dict]] | None = None,
-                       return_state: bool = False) -> Any:
+                       return_state: bool = False,
+                       on_log: Callable[[int, dict], None] | None = None) -> Any:
   """Trains `task` (default: NS-MAE pre-training) for config.train.num_train_steps.
 
   Resumes from the latest checkpoint in `workdir` (default config.train.workdir) when there is
@@ -90,7 +91,9 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
   'eval_'). `train_iterator` replaces the tf.data pipeline (tests); it must yield host batches
   [local_devices, per_device_batch, ...] and may offer get_state()/set_state();
   `eval_batches_fn` likewise replaces the eval pipeline (a fresh pass per call).
-  With return_state=True, returns (metrics, final host TrainState).
+  With return_state=True, returns (metrics, final host TrainState). `on_log(step, metrics)` is
+  called on process 0 at every log step and eval (eval keys prefixed 'eval_'), e.g. for a live
+  plot in a notebook.
   """
   workdir = workdir or config.train.workdir
   tc = config.train
@@ -170,6 +173,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
                          tc.eval_batches)
     if last_eval:
       writer.scalars(step, last_eval, prefix='eval_')
+      if on_log is not None and is_main:
+        on_log(step, {f'eval_{k}': v for k, v in last_eval.items()})
       if is_main:
         print(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()),
               flush=True)
@@ -196,6 +201,8 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
           t_log, s_log = now, step
           writer.scalars(step, last)
           progress.print(step, last)
+          if on_log is not None and is_main:
+            on_log(step, dict(last))
         if task.render_images is not None and is_main and tc.image_every_steps and (
             step % tc.image_every_steps == 0 or step == tc.num_train_steps):
           params0 = jax.device_get(jax_utils.unreplicate(rstate.params))

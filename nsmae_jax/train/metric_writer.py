@@ -19,10 +19,10 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
   """[H, W] (colour-mapped) or [H, W, 3] float in [0, 1] -> uint8 [H, W, 3]."""
   image = np.asarray(image, np.float32)
   if image.ndim == 2:
-    from matplotlib import cm  # pylint: disable=import-outside-toplevel
+    from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
     valid = image > 0
     hi = float(np.percentile(image[valid], 99)) if valid.any() else 1.0
-    image = cm.get_cmap('turbo')(np.clip(image / max(hi, 1e-6), 0, 1))[..., :3] * valid[..., None]
+    image = colormaps['turbo'](np.clip(image / max(hi, 1e-6), 0, 1))[..., :3] * valid[..., None]
   return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
