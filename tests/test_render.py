@@ -1,0 +1,144 @@
+"""Renderer: compositing against a float64 reference and closed forms, sampling, interpolation,
+ray geometry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsmae_jax.render import (bev_rays, box_near_far, camera_rays, composite, project_points,
+                              render_rays, stratified_samples, trilinear_interpolate)
+
+BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
+
+
+def _composite_reference(density, color, t, deltas, far):
+  """Float64 NeRF quadrature written with explicit products (not the cumsum form)."""
+  density, color, t, deltas, far = (np.asarray(a, np.float64)
+                                    for a in (density, color, t, deltas, far))
+  alpha = 1.0 - np.exp(-density * deltas)
+  trans = np.cumprod(np.concatenate([np.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1),
+                     axis=-1)
+  w = trans * alpha
+  t_last = trans[..., -1] * (1 - alpha[..., -1])
+  return dict(weights=w, color=np.sum(w[..., None] * color, -2), opacity=w.sum(-1),
+              depth=np.sum(w * t, -1) + t_last * far)
+
+
+def test_composite_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  density = rng.exponential(0.5, size=(64, 32)).astype(np.float32)
+  color = rng.uniform(size=(64, 32, 3)).astype(np.float32)
+  deltas = rng.uniform(0.05, 1.0, size=(64, 32)).astype(np.float32)
+  t = (1.0 + np.cumsum(deltas, -1) - deltas / 2).astype(np.float32)
+  far = (1.0 + deltas.sum(-1)).astype(np.float32)
+  out = jax.jit(composite)(density, color, t, deltas, far)
+  ref = _composite_reference(density, color, t, deltas, far)
+  for name in ('weights', 'color', 'opacity', 'depth'):
+    np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_constant_density_closed_form():
+  sigma, near, far, s = 0.3, 1.0, 9.0, 64
+  t, deltas = stratified_samples(None, jnp.float32(near), jnp.float32(far), s)
+  out = composite(jnp.full((s,), sigma), jnp.ones((s, 3)), t, deltas, jnp.float32(far))
+  d = (far - near) / s
+  # Transmittance reaching sample i: exp(-sigma d i); total opacity 1 - exp(-sigma (far - near)).
+  np.testing.assert_allclose(out['transmittance'], np.exp(-sigma * d * np.arange(s)), rtol=1e-5)
+  np.testing.assert_allclose(out['opacity'], 1 - np.exp(-sigma * (far - near)), rtol=1e-5)
+  # Expected depth: a = 1 - e^{-sigma d}, q = 1 - a; sum_i q^i a (near + (i + 1/2) d) + q^s far.
+  a, q = 1 - np.exp(-sigma * d), np.exp(-sigma * d)
+  geo = a * (1 - q ** s) / (1 - q)
+  mean_i = a * q * (1 - s * q ** (s - 1) + (s - 1) * q ** s) / (1 - q) ** 2  # sum_i<s i q^i a
+  expected = (near + d / 2) * geo + d * mean_i + q ** s * far
+  np.testing.assert_allclose(out['depth'], expected, rtol=1e-5)
+
+
+def test_opaque_slab_gives_its_distance():
+  near, far, s, slab = 0.0, 10.0, 100, 6.25
+  t, deltas = stratified_samples(None, jnp.float32(near), jnp.float32(far), s)
+  density = jnp.where(t >= slab, 1e4, 0.0)
+  out = composite(density, jnp.ones((s, 3)), t, deltas, jnp.float32(far))
+  first = float(t[np.argmax(np.asarray(t) >= slab)])
+  assert abs(first - slab) < (far - near) / s
+  np.testing.assert_allclose(out['depth'], first, rtol=1e-6)
+  np.testing.assert_allclose(out['opacity'], 1.0, rtol=1e-6)
+
+
+def test_stratified_samples_stay_in_their_bins_and_eval_is_deterministic():
+  t, deltas = stratified_samples(jax.random.key(0), jnp.float32(2.0), jnp.float32(6.0), 8)
+  edges = 2.0 + 0.5 * np.arange(9)
+  assert np.all((np.asarray(t) >= edges[:-1]) & (np.asarray(t) < edges[1:]))
+  np.testing.assert_allclose(deltas, 0.5)
+  t_eval, _ = stratified_samples(None, jnp.float32(2.0), jnp.float32(6.0), 8)
+  np.testing.assert_allclose(t_eval, edges[:-1] + 0.25)
+  t2, _ = stratified_samples(jax.random.key(1), jnp.float32(2.0), jnp.float32(6.0), 8)
+  assert not np.allclose(t, t2)
+
+
+def test_trilinear_reproduces_a_linear_field():
+  shape = (8, 6, 4)
+  lo, hi = np.array(BOX[0]), np.array(BOX[1])
+  cell = (hi - lo) / shape
+  centres = np.stack(np.meshgrid(*[lo[a] + (np.arange(n) + 0.5) * cell[a]
+                                   for a, n in enumerate(shape)], indexing='ij'), -1)
+  coef = np.array([[0.5, -1.0], [2.0, 0.25], [-3.0, 1.0]])
+  volume = (centres @ coef).astype(np.float32)                      # [X, Y, Z, 2], linear
+  rng = np.random.default_rng(0)
+  # Points between the outermost centres (inside the interpolation hull).
+  pts = rng.uniform(lo + cell / 2, hi - cell / 2, size=(200, 3)).astype(np.float32)
+  got = trilinear_interpolate(jnp.asarray(volume), jnp.asarray(pts), *BOX)
+  np.testing.assert_allclose(got, pts @ coef, rtol=1e-4, atol=1e-4)
+  # At a centre, the exact cell value.
+  np.testing.assert_allclose(trilinear_interpolate(volume, centres[3, 2, 1][None], *BOX)[0],
+                             volume[3, 2, 1], rtol=1e-6)
+
+
+def test_camera_ray_passes_through_the_projected_point():
+  yaw = np.deg2rad(30)
+  cam2lidar = np.eye(4, dtype=np.float32)
+  base = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], np.float64)  # x_cam=x, y_cam=-z, z_cam=y
+  rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+  cam2lidar[:3, :3] = rz @ base
+  cam2lidar[:3, 3] = [0.3, 0.5, -0.2]
+  intr = np.array([[70.0, 0, 44], [0, 70.0, 16], [0, 0, 1]], np.float32)
+  point = np.array([-4.0, 12.0, 0.7], np.float32)
+  uv, depth, front = project_points(jnp.asarray(point), intr, cam2lidar)
+  assert bool(front) and float(depth) > 0
+  o, d = camera_rays(uv, intr, cam2lidar)
+  rng_ = np.linalg.norm(point - np.asarray(o))
+  np.testing.assert_allclose(np.asarray(o) + rng_ * np.asarray(d), point, atol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(d), 1.0, rtol=1e-6)
+
+
+def test_bev_rays_and_box_near_far():
+  o, d = bev_rays(jnp.array([[1.0, 2.0], [40.0, 0.0]]), 3.0)
+  np.testing.assert_allclose(o, [[1, 2, 3], [40, 0, 3]])
+  np.testing.assert_allclose(d, [[0, 0, -1], [0, 0, -1]])
+  near, far, hit = box_near_far(o, d, *BOX, near=0.0)
+  np.testing.assert_allclose(near[0], 0.0, atol=1e-6)
+  np.testing.assert_allclose(far[0], 6.0, rtol=1e-6)
+  assert bool(hit[0]) and not bool(hit[1])  # x = 40 is outside the +-32 m box
+  # A ray from the centre along +x leaves at x = 32; near bound respected.
+  near, far, hit = box_near_far(jnp.zeros((1, 3)), jnp.array([[1.0, 0, 0]]), *BOX, near=0.5)
+  np.testing.assert_allclose([near[0], far[0]], [0.5, 32.0], rtol=1e-6)
+
+
+def test_render_rays_of_an_opaque_plane():
+  """A field that is opaque below z = 0 and red: BEV rays from z = 3 see red at depth 3."""
+  def field_fn(feats, pts, dirs):
+    del feats, dirs
+    density = jnp.where(pts[:, 2] < 0.0, 1e3, 0.0)
+    return density, jnp.broadcast_to(jnp.array([1.0, 0.0, 0.0]), pts.shape)
+  volume = jnp.zeros((1, 4, 4, 2, 3))
+  o, d = bev_rays(jnp.array([[[0.0, 0.0], [5.0, -7.0]]]), 3.0)
+  near, far, _ = box_near_far(o, d, *BOX)
+  out = jax.jit(lambda v, o, d, n, f: render_rays(field_fn, v, o, d, n, f, 600, *BOX))(
+      volume, o, d, near, far)
+  np.testing.assert_allclose(out['color'], [[[1, 0, 0], [1, 0, 0]]], atol=1e-4)
+  np.testing.assert_allclose(out['depth'], [[3.0, 3.0]], atol=6.0 / 600)
+  assert out['weights'].shape == (1, 2, 600)
+
+
+if __name__ == '__main__':
+  pytest.main([__file__])
