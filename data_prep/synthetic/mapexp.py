@@ -7,6 +7,7 @@ with, so the map agrees with the rendered world to the raster's 0.1 m.
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -100,6 +101,11 @@ def write_map_json(path: str, data: dict) -> None:
 
 
 def write_map_png(path: str, town: Town) -> None:
-  """Drivable-surface mask at 0.1 m/px, origin bottom-left at map (0, 0) (like nuScenes maps)."""
-  road = ~rig.MATERIAL_RAISED[town.material]
-  Image.fromarray((road[::-1] * 255).astype(np.uint8)).save(path, optimize=False, compress_level=1)
+  """Drivable-surface mask at 0.1 m/px, origin bottom-left at map (0, 0) (like nuScenes maps).
+  8-bit 0/255 like the real maps; zlib's run-length strategy suits a binary mask (4x smaller
+  and faster than the default)."""
+  raised = np.zeros(town.material.shape, bool)
+  for m in np.flatnonzero(rig.MATERIAL_RAISED):  # uint8 compares: no int64 index pass
+    raised |= town.material == m
+  road = np.where(raised[::-1], np.uint8(0), np.uint8(255))
+  Image.fromarray(road).save(path, optimize=False, compress_level=1, compress_type=zlib.Z_RLE)

@@ -190,10 +190,15 @@ def near_boxes(boxes: Boxes, origin: np.ndarray, max_range: float) -> np.ndarray
 
 
 def lidar_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, azimuth0: float,
-                columns: int, rows: int) -> np.ndarray:
+                columns: int, elevations: np.ndarray) -> np.ndarray:
   """Spans [S, 5] (box, r0, r1, c0, c1) of a spinning-LiDAR grid whose column j points at global
-  azimuth azimuth0 + 2 pi j / C."""
+  azimuth azimuth0 + 2 pi j / C and whose row r at elevation elevations[r] (radians, ascending).
+
+  Rows are bounded by the elevations the box can subtend: its height range over its nearest and
+  farthest horizontal distance (bounding circle), so a car far away covers a few rows only.
+  """
   step = 2 * np.pi / columns
+  rows = len(elevations)
   if not len(index):
     return np.zeros((0, 5), np.int64)
   corners = boxes.select(index).corners()[..., :2] - origin[:2]
@@ -211,12 +216,21 @@ def lidar_spans(boxes: Boxes, index: np.ndarray, origin: np.ndarray, azimuth0: f
   inside = dist <= radius + 0.5
   j0 = np.where(inside, 0, j0)
   j1 = np.where(inside, columns, j1)
+  near, far = np.maximum(dist - radius, 1e-3), dist + radius
+  top = boxes.centre[index, 2] + 0.5 * boxes.size[index, 2] - origin[2]
+  bottom = boxes.centre[index, 2] - 0.5 * boxes.size[index, 2] - origin[2]
+  el_hi = np.where(inside & (top > 0), np.pi / 2, np.arctan2(top, np.where(top > 0, near, far)))
+  el_lo = np.where(inside & (bottom < 0), -np.pi / 2,
+                   np.arctan2(bottom, np.where(bottom < 0, near, far)))
+  r0 = np.maximum(np.searchsorted(elevations, el_lo) - 1, 0)
+  r1 = np.minimum(np.searchsorted(elevations, el_hi) + 1, rows)
   index = index.astype(np.int64)
-  zeros, full = np.zeros_like(index), np.full_like(index, rows)
-  first = np.stack([index, zeros, full, j0, np.minimum(j1, columns)], 1)
+  zeros = np.zeros_like(index)
+  first = np.stack([index, r0, r1, j0, np.minimum(j1, columns)], 1)
   wrap = j1 > columns
-  second = np.stack([index, zeros, full, zeros, np.minimum(j1 - columns, columns)], 1)[wrap]
-  return np.concatenate([first, second])
+  second = np.stack([index, r0, r1, zeros, np.minimum(j1 - columns, columns)], 1)[wrap]
+  spans = np.concatenate([first, second])
+  return spans[spans[:, 1] < spans[:, 2]]
 
 
 _EDGES = np.array([(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5),

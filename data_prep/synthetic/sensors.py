@@ -58,7 +58,7 @@ def lidar_sweep(world: World, t: float, rng: np.random.Generator):
                                       np.sin(el) + 0 * az))
   boxes = world.boxes_at(t)
   index = raycast.near_boxes(boxes, origin, rig.LIDAR_MAX_RANGE)
-  spans = raycast.lidar_spans(boxes, index, origin, azimuth0, cols, rows)
+  spans = raycast.lidar_spans(boxes, index, origin, azimuth0, cols, el[:, 0])
   hits = raycast.cast_grid(world.town, boxes, origin, dirs, spans, rig.LIDAR_MAX_RANGE)
   t_hit = hits.t.copy()
   is_box = hits.hit >= 0
