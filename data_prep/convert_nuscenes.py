@@ -236,6 +236,10 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
   log('statistics: ' + json.dumps(stats))
   if not keep_records:
     shutil.rmtree(records, ignore_errors=True)
+    try:  # the parent holds other configs' records, if any
+      os.rmdir(os.path.dirname(records))
+    except OSError:
+      pass
   return data_dir
 
 
