@@ -88,7 +88,20 @@ def _stats(values):
   return mean, std, min(values), max(values)
 
 
-def collect(results_dir: str, cells) -> list[dict]:
+def train_frames(config, fraction: float) -> int | str:
+  """Labelled training key frames at `fraction` (the pipeline keeps max(1, round(f N)));
+  '' when the converted dataset is not there."""
+  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.nuscenes_nsmae.shards import ShardIndex
+  from nsmae_jax.data.pipeline import open_split
+  try:
+    total = len(ShardIndex(open_split(config, 'train')[1]))
+  except FileNotFoundError:
+    return ''
+  return total if fraction >= 1.0 else max(1, int(round(fraction * total)))
+
+
+def collect(results_dir: str, cells, config=None) -> list[dict]:
   """CSV rows of the finished cells (those with a result.json)."""
   from nsmae_jax.finetune.metrics import MAP_CLASSES  # pylint: disable=import-outside-toplevel
   rows = []
@@ -100,7 +113,8 @@ def collect(results_dir: str, cells) -> list[dict]:
     with open(path) as f:
       r = json.load(f)
     row = dict(init=init, fraction=fraction, seed=seed, miou=r['eval_miou'],
-               train_frames=r.get('train_frames', ''), steps=r.get('steps', ''),
+               train_frames=r.get('train_frames', '') if config is None else train_frames(
+                   config, fraction), steps=r.get('steps', ''),
                wall_s=round(r.get('wall_s', 0.0), 1))
     row.update({c: r[f'eval_iou/{c}'] for c in MAP_CLASSES})
     rows.append(row)
@@ -221,8 +235,8 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
     with open(os.path.join(wd, 'result.json'), 'w') as f:
       json.dump(saved, f, indent=1)
     log(f'   mIoU {100 * res.get("eval_miou", float("nan")):.2f} in {res["wall_s"]:.0f} s')
-    write_summary(collect(results_dir, cells), out_prefix)
-  rows = collect(results_dir, cells)
+    write_summary(collect(results_dir, cells, config), out_prefix)
+  rows = collect(results_dir, cells, config)
   write_summary(rows, out_prefix)
   return rows
 
