@@ -17,7 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from data_prep.synthetic import mapexp, rig, tables
-from data_prep.synthetic.simulate import Settings, cached_town, location_index, scene_name, simulate_scene
+from data_prep.synthetic.simulate import (Settings, StageTimer, cached_town, location_index, log_token,
+                                          scene_name, simulate_scene)
 from data_prep.synthetic.world_io import WORLD_FILE, write_world_file
 
 _TABLE_ORDER = ('attribute', 'calibrated_sensor', 'category', 'ego_pose', 'instance', 'log', 'map',
@@ -30,8 +31,13 @@ def _check(cond: bool, flag: str, value, why: str) -> None:
 
 
 def _scene_job(args):
+  """(table rows, CPU seconds per stage) of one scene; runs in a worker."""
   out, settings, index = args
-  return simulate_scene(out, settings, index)
+  timer = StageTimer()
+  start = time.process_time()
+  rows = simulate_scene(out, settings, index, timer)
+  timer.seconds['other'] = time.process_time() - start - sum(timer.seconds.values())
+  return rows, timer.seconds
 
 
 def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_scene: int = 40,
@@ -75,40 +81,31 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
                       image_width, image_height)
   start = time.time()
   jobs = [(out, settings, i) for i in range(num_scenes)]
-  if workers == 1 or num_scenes == 1:
-    results = []
-    for job in jobs:
-      results.append(_scene_job(job))
-      log(f'scene {job[2] + 1}/{num_scenes} done ({time.time() - start:.1f}s)')
-  else:
-    with multiprocessing.get_context('spawn').Pool(min(workers, num_scenes)) as pool:
-      results = pool.map(_scene_job, jobs, chunksize=1)
-
-  all_rows = {name: [] for name in _TABLE_ORDER}
-  for rows in results:
-    for name, r in rows.items():
-      all_rows[name].extend(r)
+  pool = None
+  if workers > 1 and num_scenes > 1:
+    pool = multiprocessing.get_context('spawn').Pool(min(workers, num_scenes))
+  try:
+    # Workers start on the scenes at once; the main process writes the maps meanwhile.
+    results = pool.imap(_scene_job, jobs, chunksize=1) if pool else map(_scene_job, jobs)
+    map_rows = _write_maps(out, seed, num_scenes)
+    all_rows = {name: [] for name in _TABLE_ORDER}
+    stages = {}
+    for i, (rows, seconds) in enumerate(results):
+      for name, r in rows.items():
+        all_rows[name].extend(r)
+      for stage, sec in seconds.items():
+        stages[stage] = stages.get(stage, 0.0) + sec
+      log(f'scene {i + 1}/{num_scenes} done ({time.time() - start:.1f}s)')
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+  scenes_done = time.time()
+  all_rows['map'] = map_rows
   all_rows['sensor'] = tables.sensor_rows()
   all_rows['category'] = tables.category_rows()
   all_rows['attribute'] = tables.attribute_rows()
   all_rows['visibility'] = tables.visibility_rows()
-
-  # Maps: one town per location in use; every location gets an expansion file.
-  os.makedirs(os.path.join(out, 'maps', 'expansion'), exist_ok=True)
-  used = sorted({location_index(seed, i) for i in range(num_scenes)})
-  for loc, location in enumerate(rig.LOCATIONS):
-    path = os.path.join(out, 'maps', 'expansion', f'{location}.json')
-    if loc not in used:
-      mapexp.write_map_json(path, mapexp.empty_map(location))
-      continue
-    town = cached_town(seed, loc)
-    mapexp.write_map_json(path, mapexp.town_map(town, seed))
-    map_tok = tables.token(seed, 'map', location)
-    png = f'maps/{map_tok}.png'
-    mapexp.write_map_png(os.path.join(out, png), town)
-    logs = [r['token'] for r in all_rows['log'] if r['location'] == location]
-    all_rows['map'].append(dict(token=map_tok, log_tokens=logs, category='semantic_prior',
-                                filename=png))
 
   root = os.path.join(out, version)
   tables.write_tables(root, all_rows)
@@ -116,8 +113,35 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
   split = num_scenes - val_scenes
   tables.write_table(os.path.join(root, 'splits.json'), dict(train=names[:split], val=names[split:]))
   write_world_file(out, settings, names)
-  log(f'wrote {num_scenes * frames_per_scene} key frames to {out} in {time.time() - start:.1f}s')
+  elapsed = time.time() - start
+  key_frames = num_scenes * frames_per_scene
+  log(f'wrote {key_frames} key frames to {out} in {elapsed:.1f}s ({key_frames / elapsed:.2f} key '
+      f'frames/s, {workers} workers)')
+  log('timing: scene CPU s summed over workers: ' + ', '.join(
+      f'{k} {v:.1f}' for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+      + f'; tables {time.time() - scenes_done:.1f}s wall')
   return out
+
+
+def _write_maps(out: str, seed: int, num_scenes: int) -> list:
+  """Writes maps/ (one town per location in use; every location gets an expansion file) and
+  returns the map table rows."""
+  os.makedirs(os.path.join(out, 'maps', 'expansion'), exist_ok=True)
+  rows = []
+  for loc, location in enumerate(rig.LOCATIONS):
+    path = os.path.join(out, 'maps', 'expansion', f'{location}.json')
+    scenes = [i for i in range(num_scenes) if location_index(seed, i) == loc]
+    if not scenes:
+      mapexp.write_map_json(path, mapexp.empty_map(location))
+      continue
+    town = cached_town(seed, loc)
+    mapexp.write_map_json(path, mapexp.town_map(town, seed))
+    map_tok = tables.token(seed, 'map', location)
+    png = f'maps/{map_tok}.png'
+    mapexp.write_map_png(os.path.join(out, png), town)
+    rows.append(dict(token=map_tok, log_tokens=[log_token(seed, i) for i in scenes],
+                     category='semantic_prior', filename=png))
+  return rows
 
 
 FLAGS = flags.FLAGS

@@ -88,14 +88,21 @@ def _box_colour(boxes: Boxes, idx: np.ndarray, face: np.ndarray, origin: np.ndar
   axis = face // 2
   k = rig.BOX_KIND_ID
 
+  # Per box: ray origin relative to the centre, yaw cos/sin, height (gathered per hit below).
+  rel0 = origin - boxes.centre
+  c_all, s_all = np.cos(boxes.yaw), np.sin(boxes.yaw)
+
   def local(sel):
     """Hit point of rays `sel` in their box's frame: (x along the length, y, height above the
     box bottom, box height)."""
-    i = idx[sel]
-    rel = (origin[:, None] - boxes.centre[i].T) + t[sel] * d[:, sel]
-    c, s = np.cos(boxes.yaw[i]), np.sin(boxes.yaw[i])
-    h = boxes.size[i, 2]
-    return rel[0] * c + rel[1] * s, -rel[0] * s + rel[1] * c, rel[2] + h / 2, h
+    i = idx.take(sel)
+    ts = t.take(sel)
+    rx = rel0[:, 0].take(i) + ts * d[0].take(sel)
+    ry = rel0[:, 1].take(i) + ts * d[1].take(sel)
+    h = boxes.size[:, 2].take(i)
+    zb = rel0[:, 2].take(i) + ts * d[2].take(sel) + h / 2
+    c, s = c_all.take(i), s_all.take(i)
+    return rx * c + ry * s, ry * c - rx * s, zb, h
 
   def paint(sel, colour):
     col[:, sel] = colour[:, None]
@@ -132,7 +139,7 @@ def _box_colour(boxes: Boxes, idx: np.ndarray, face: np.ndarray, origin: np.ndar
     paint(sel[_frac(lx / 0.6) < 0.5], _RED)
   sel = np.flatnonzero(kind == k['tree_crown'])
   if len(sel):
-    p = origin[:, None] + t[sel] * d[:, sel]
+    p = origin[:, None] + t.take(sel) * d[:, sel]
     grain = 0.75 + 0.5 * (0.5 + 0.5 * np.sin(p[0] * 5.1 + np.sin(p[1] * 4.3) * 3 + p[2] * 6.7))
     col[:, sel] *= grain.astype(np.float32)
   light = _face_light(boxes).ravel().take(idx.astype(np.int64) * 6 + face)

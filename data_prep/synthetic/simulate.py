@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import os
+import time
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,10 @@ class Settings:
 def scene_name(seed: int, index: int) -> str:
   # Official names are scene-NNNN; these cannot collide with them.
   return f'synth-{seed}-{index:04d}'
+
+
+def log_token(seed: int, index: int) -> str:
+  return token(f'{seed}/{index}', 'log')
 
 
 def location_index(seed: int, index: int) -> int:
@@ -86,17 +91,38 @@ def _jpeg(rgb: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def simulate_scene(out: str, settings: Settings, index: int) -> dict:
+class StageTimer:
+  """CPU seconds (this process) per named stage, summed over calls."""
+
+  def __init__(self):
+    self.seconds = {}
+    self._stage, self._start = None, 0.0
+
+  def __call__(self, stage: str) -> 'StageTimer':
+    self._stage = stage
+    return self
+
+  def __enter__(self):
+    self._start = time.process_time()
+
+  def __exit__(self, *exc):
+    self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + time.process_time() - self._start
+
+
+def simulate_scene(out: str, settings: Settings, index: int, timer: StageTimer | None = None) -> dict:
   """Simulates scene `index`, writes its sample/sweep files under `out`, returns its table rows
-  (dict table name -> list of rows)."""
+  (dict table name -> list of rows). `timer` collects CPU seconds per stage ('world', 'lidar',
+  'camera', 'jpeg', 'annotations')."""
+  timer = timer or StageTimer()
   seed = settings.seed
-  world = build_world(settings, index)
+  with timer('world'):
+    world = build_world(settings, index)
   name = scene_name(seed, index)
   key = f'{seed}/{index}'
   rows = {k: [] for k in ('log', 'scene', 'sample', 'sample_data', 'ego_pose', 'calibrated_sensor',
                           'instance', 'sample_annotation')}
   loc = location_index(seed, index)
-  log_tok = token(key, 'log')
+  log_tok = log_token(seed, index)
   rows['log'].append(dict(token=log_tok, logfile=f'{name}-log', vehicle='synth-car',
                           date_captured='2018-07-31', location=rig.LOCATIONS[loc]))
   calib = {}
@@ -133,7 +159,8 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
       os.makedirs(os.path.join(out, d, ch), exist_ok=True)
   for n, t_us in enumerate(times):
     t = scene_time(settings, index, t_us)
-    points, hits, boxes = sensors.lidar_sweep(world, t, np.random.default_rng([seed, index, n]))
+    with timer('lidar'):
+      points, hits, boxes = sensors.lidar_sweep(world, t, np.random.default_rng([seed, index, n]))
     is_key = n in key_sweeps
     f = key_sweeps.index(n) if is_key else min(n // (s + 1), settings.frames_per_scene - 1)
     fname = f"{'samples' if is_key else 'sweeps'}/{rig.LIDAR}/{name}__{rig.LIDAR}__{t_us}.pcd.bin"
@@ -154,9 +181,10 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
     for f in range(settings.frames_per_scene):
       t_us = times[key_sweeps[f]] + rig.camera_offset_us(ch)
       t = scene_time(settings, index, t_us)
-      rgb, _ = sensors.camera_render(world, ch, t, settings.image_width, settings.image_height)
+      with timer('camera'):
+        rgb, _ = sensors.camera_render(world, ch, t, settings.image_width, settings.image_height)
       fname = f'samples/{ch}/{name}__{ch}__{t_us}.jpg'
-      with open(os.path.join(out, fname), 'wb') as fh:
+      with timer('jpeg'), open(os.path.join(out, fname), 'wb') as fh:
         fh.write(_jpeg(rgb))
       r_ego, t_ego = world.ego_matrix(t)
       rows['ego_pose'].append(_pose_row(toks[f], r_ego, t_ego, t_us))
@@ -168,6 +196,14 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
           next=toks[f + 1] if f + 1 < settings.frames_per_scene else ''))
 
   # Annotations: objects within range at a key frame, tracks contiguous from first to last.
+  with timer('annotations'):
+    _annotate(rows, world, settings, key, key_hits, sample_toks, calib[rig.LIDAR])
+  return rows
+
+
+def _annotate(rows: dict, world: sensors.World, settings: Settings, key: str, key_hits: dict,
+              sample_toks: list, cs: dict) -> None:
+  """Appends the scene's instance and sample_annotation rows."""
   objects = world.scene.objects
   nframes = settings.frames_per_scene
   in_range = np.zeros((nframes, len(objects)), bool)
@@ -176,7 +212,6 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
     obj = boxes.instance >= 0
     d = np.hypot(boxes.centre[obj, 0] - pose['translation'][0], boxes.centre[obj, 1] - pose['translation'][1])
     in_range[f, boxes.instance[obj][d < ANNOTATION_RANGE]] = True
-  cs = calib[rig.LIDAR]
   sorted_points = {f: SortedPoints(key_hits[f][0][:, :3]) for f in range(nframes)}
   for i in np.nonzero(in_range.any(0))[0]:
     frames = np.nonzero(in_range[:, i])[0]
@@ -209,4 +244,3 @@ def simulate_scene(out: str, settings: Settings, index: int) -> dict:
     rows['instance'].append(dict(token=inst_tok, category_token=token('category', rig.CLASSES[o.cls][0]),
                                  nbr_annotations=len(ann_toks), first_annotation_token=ann_toks[0],
                                  last_annotation_token=ann_toks[-1]))
-  return rows
