@@ -29,8 +29,13 @@ def _digest(root: str) -> dict:
 @pytest.mark.e2e
 def test_same_seed_byte_identical_regardless_of_workers(tmp_path):
   a = _digest(generate(str(tmp_path / 'a'), seed=3, workers=1, **SMALL))
-  b = _digest(generate(str(tmp_path / 'b'), seed=3, workers=2, **SMALL))
+  messages = []
+  b = _digest(generate(str(tmp_path / 'b'), seed=3, workers=2, log=messages.append, **SMALL))
   assert a == b and len(a) > 30
+  # The summary names the rate and the CPU time of every simulation stage.
+  assert any('4 key frames' in m and 'key frames/s, 2 workers' in m for m in messages), messages
+  timing = [m for m in messages if m.startswith('timing:')]
+  assert len(timing) == 1 and all(k in timing[0] for k in ('camera', 'lidar', 'jpeg', 'annotations'))
 
 
 def test_different_seed_different_town():
