@@ -17,6 +17,9 @@ Two stages, so that an interrupted conversion resumes instead of starting over:
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import collections
 import functools
 import json
@@ -64,7 +67,7 @@ def scene_splits(nusc, dataroot: str, version: str) -> dict[str, list[str]]:
     return {split: list(scenes) for split, scenes in splits.items()}
   if version not in _OFFICIAL:
     raise ValueError(f'--version={version}: no official split for it and no {path}')
-  from nuscenes.utils import splits as official  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils import splits as official
   scenes = official.create_splits_scenes()
   result = {}
   for split, name in _OFFICIAL[version].items():
@@ -116,7 +119,7 @@ def _write_record(job: tuple[str, int, str]) -> tuple[str, str]:
 
 
 def _init_worker() -> None:
-  import cv2  # pylint: disable=import-outside-toplevel
+  import cv2
   cv2.setNumThreads(1)  # one process per core already
 
 
@@ -160,7 +163,7 @@ class _Stats:
 def _make_records(nusc, maps, settings, records: str, jobs: list[tuple[str, int, str]],
                   total: int, workers: int, log: Callable[[str], None]) -> None:
   """Stage 1: writes the missing records, in `workers` processes, with a progress bar."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm
   _WORKER.update(nusc=nusc, maps=maps, settings=settings, records=records)
   bar = tqdm(total=total, initial=total - len(jobs), unit='frame', desc='records',
              smoothing=0.1, dynamic_ncols=True)
@@ -208,8 +211,8 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
     _check_existing(out, splits)
     log(f'{out} already converted')
     return data_dir
-  from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=import-outside-toplevel
-  from nuscenes.nuscenes import NuScenes  # pylint: disable=import-outside-toplevel
+  from nuscenes.map_expansion.map_api import NuScenesMap
+  from nuscenes.nuscenes import NuScenes
   version_dir = os.path.join(data_config.dataroot, data_config.version)
   if not os.path.isdir(version_dir):
     raise FileNotFoundError(f'--dataroot/--version: {version_dir} does not exist')
@@ -255,8 +258,8 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
 def _write_shards(data_config, records: str, tokens: dict[str, list[str]],
                   log: Callable[[str], None]) -> dict[str, Any]:
   """Stage 2: TFRecord shards from the records (TFDS' atomic directory rename)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
+  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
   stats = _Stats(record_lib.detection_names())
   builder = builder_lib.Builder(config=builder_lib.builder_config(data_config),
                                 data_dir=data_config.data_dir, record_dir=records,
@@ -283,8 +286,8 @@ def _check_existing(out: str, splits: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.config import DataConfig  # pylint: disable=import-outside-toplevel
+  from absl import flags
+  from nsmae_jax.config import DataConfig
   del argv
   f = flags.FLAGS
   data_config = DataConfig(
@@ -300,7 +303,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags
   defaults = {'image_height': 64, 'image_width': 176, 'num_sweeps': 1, 'bev_half_extent': 32.0,
               'bev_resolution': 0.5}
   flags.DEFINE_string('dataroot', None, 'nuScenes-format dataroot (real or synthetic).',

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import functools
 
 import numpy as np
@@ -16,20 +19,20 @@ NUM_CHECKED = 3  # key frames checked per test (the world has 12)
 
 @functools.lru_cache(maxsize=None)
 def _nusc(dataroot: str):
-  from nuscenes.nuscenes import NuScenes  # pylint: disable=import-outside-toplevel
+  from nuscenes.nuscenes import NuScenes
   return NuScenes(version='v1.0-trainval', dataroot=dataroot, verbose=False)
 
 
 @functools.lru_cache(maxsize=None)
 def _map(dataroot: str, location: str):
-  from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=import-outside-toplevel
+  from nuscenes.map_expansion.map_api import NuScenesMap
   return NuScenesMap(dataroot=dataroot, map_name=location)
 
 
 @pytest.fixture(scope='module')
 def records(converted_data_dir, synthetic_dataroot):
   """{token: record (numpy)} of the converted tiny world, read without the project's reader."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
   config = tiny_config(data_dir=converted_data_dir, dataroot=synthetic_dataroot)
   builder = tfds.builder_from_directory(naming.dataset_dir(converted_data_dir, config.data))
   out = {}
@@ -53,7 +56,7 @@ def _project(points_lidar: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.nda
 
 def _devkit_pixels(nusc, lidar_token, cam_token, points_lidar, monkeypatch) -> np.ndarray:
   """map_pointcloud_to_image's pixels [n, 2] (native image) for our points instead of the file."""
-  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.data_classes import LidarPointCloud
   cloud = np.concatenate([points_lidar.T, np.zeros((1, len(points_lidar)))], axis=0)
   monkeypatch.setattr(LidarPointCloud, 'from_file',
                       classmethod(lambda cls, path: cls(cloud.astype(np.float32).copy())))
@@ -115,8 +118,8 @@ def _devkit_bev(nusc, dataroot, token, half_extent, resolution) -> np.ndarray:
   sample = nusc.get('sample', token)
   lidar = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
   location = nusc.get('log', nusc.get('scene', sample['scene_token'])['log_token'])['location']
-  from nuscenes.utils.geometry_utils import transform_matrix  # pylint: disable=import-outside-toplevel
-  from pyquaternion import Quaternion  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.geometry_utils import transform_matrix
+  from pyquaternion import Quaternion
   cs = nusc.get('calibrated_sensor', lidar['calibrated_sensor_token'])
   pose = nusc.get('ego_pose', lidar['ego_pose_token'])
   lidar2global = (transform_matrix(pose['translation'], Quaternion(pose['rotation']))
@@ -124,7 +127,8 @@ def _devkit_bev(nusc, dataroot, token, half_extent, resolution) -> np.ndarray:
   x_axis = lidar2global[:3, 0]
   yaw = np.arctan2(x_axis[1], x_axis[0])
   # Documented half-cell shift: the patch centre is the LiDAR (x, y) = (r/2, r/2).
-  centre = lidar2global[:3, :3] @ np.array([resolution / 2, resolution / 2, 0]) + lidar2global[:3, 3]
+  half = np.array([resolution / 2, resolution / 2, 0])
+  centre = lidar2global[:3, :3] @ half + lidar2global[:3, 3]
   n = int(round(2 * half_extent / resolution))
   layers = ['drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
             'road_divider', 'lane_divider']
@@ -185,7 +189,7 @@ def test_bev_map_lines_up_with_lidar(records):
 
 
 def test_boxes_equal_get_sample_data(records, synthetic_dataroot):
-  from nuscenes.eval.detection.utils import category_to_detection_name  # pylint: disable=import-outside-toplevel
+  from nuscenes.eval.detection.utils import category_to_detection_name
   nusc = _nusc(synthetic_dataroot)
   names = record_lib.detection_names()
   for token in _checked(records):
@@ -195,7 +199,7 @@ def test_boxes_equal_get_sample_data(records, synthetic_dataroot):
     sd = nusc.get('sample_data', lidar_token)
     cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
     pose = nusc.get('ego_pose', sd['ego_pose_token'])
-    from pyquaternion import Quaternion  # pylint: disable=import-outside-toplevel
+    from pyquaternion import Quaternion
     want, labels = [], []
     for box in boxes:
       name = category_to_detection_name(box.name)
@@ -214,7 +218,7 @@ def test_boxes_equal_get_sample_data(records, synthetic_dataroot):
 
 
 def test_points_are_multisweep(records, synthetic_dataroot):
-  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.data_classes import LidarPointCloud
   nusc = _nusc(synthetic_dataroot)
   config = tiny_config().data
   token = _checked(records)[0]

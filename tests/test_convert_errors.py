@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import json
 import os
 import shutil
@@ -23,7 +26,7 @@ def world(synthetic_dataroot, tmp_path):
 
 
 def _nusc(dataroot):
-  from nuscenes.nuscenes import NuScenes  # pylint: disable=import-outside-toplevel
+  from nuscenes.nuscenes import NuScenes
   return NuScenes(version='v1.0-trainval', dataroot=dataroot, verbose=False)
 
 
@@ -33,7 +36,7 @@ def _settings(num_sweeps=2):
 
 
 def _map(nusc, dataroot):
-  from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=import-outside-toplevel
+  from nuscenes.map_expansion.map_api import NuScenesMap
   return NuScenesMap(dataroot=dataroot, map_name=nusc.log[0]['location'])
 
 
@@ -73,7 +76,7 @@ def test_empty_key_frame_is_kept_with_sweeps_only(world):
 def test_interrupted_conversion_resumes(world, tmp_path):
   """A conversion that dies midway leaves no dataset that looks complete; the rerun reuses the
   finished records (same files, untouched) and finishes, counting an empty key frame."""
-  from data_prep.convert_nuscenes import STATS_FILE, convert  # pylint: disable=import-outside-toplevel
+  from data_prep.convert_nuscenes import STATS_FILE, convert
   config = tiny_config(data_dir=str(tmp_path / 'tfds'), dataroot=world,
                        bev_half_extent=8.0).data
   nusc = _nusc(world)
@@ -114,8 +117,8 @@ def test_interrupted_conversion_resumes(world, tmp_path):
 
 def test_parallel_records_equal_serial(world, tmp_path):
   """--workers only changes speed: records made in 2 processes equal the serial ones."""
-  import pickle  # pylint: disable=import-outside-toplevel
-  from data_prep import convert_nuscenes  # pylint: disable=import-outside-toplevel
+  import pickle
+  from data_prep import convert_nuscenes
   nusc = _nusc(world)
   maps = {nusc.log[0]['location']: _map(nusc, world)}
   tokens = [s['token'] for s in nusc.sample[:4]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import os
 import pickle
 
@@ -16,7 +19,7 @@ NUM_TRAIN, NUM_VAL = 11, 5
 
 def _fake_record(config, index: int, rng: np.random.Generator) -> dict:
   """A record with the real layout whose content encodes its index (to check the order)."""
-  import cv2  # pylint: disable=import-outside-toplevel
+  import cv2
   d = config.data
   images = []
   for cam in range(6):
@@ -40,7 +43,7 @@ def _fake_record(config, index: int, rng: np.random.Generator) -> dict:
 
 def build_fake_dataset(config, counts: dict[str, int]) -> None:
   """Writes fake records and builds nuscenes_nsmae from them with the real Builder."""
-  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
   rng = np.random.default_rng(0)
   records = naming.record_dir(config.data.data_dir, config.data)
   tokens, start = {}, 0
@@ -72,7 +75,7 @@ def _ids(batch) -> np.ndarray:
 
 
 def test_batch_contract(fake_config):
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   d = fake_config.data
   batch = next(make_train_iterator(fake_config, num_local_devices=2, process_index=0,
                                    process_count=1))
@@ -101,7 +104,7 @@ def test_batch_contract(fake_config):
 
 
 def test_same_seed_same_order_and_epochs_cover_all(fake_config):
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   def ids(config, n):
     it = make_train_iterator(config, num_local_devices=2, process_index=0, process_count=1)
     return np.concatenate([_ids(next(it)).ravel() for _ in range(n)])
@@ -115,8 +118,8 @@ def test_same_seed_same_order_and_epochs_cover_all(fake_config):
 
 
 def test_restored_iterator_continues_identically(fake_config):
-  import json  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  import json
+  from nsmae_jax.data.pipeline import make_train_iterator
   it = make_train_iterator(fake_config, num_local_devices=2, process_index=0, process_count=1)
   for _ in range(3):
     next(it)
@@ -132,7 +135,7 @@ def test_restored_iterator_continues_identically(fake_config):
 
 
 def test_processes_split_the_stream(fake_config):
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   got = [np.concatenate([_ids(b).ravel() for b, _ in zip(
       make_train_iterator(fake_config, num_local_devices=1, process_index=p, process_count=2),
       range(3))]) for p in range(2)]
@@ -144,7 +147,7 @@ def test_processes_split_the_stream(fake_config):
 
 @pytest.mark.parametrize('process_count,devices', [(1, 2), (2, 1), (3, 2)])
 def test_eval_visits_each_example_once(fake_config, process_count, devices):
-  from nsmae_jax.data.pipeline import make_eval_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_eval_iterator
   seen, lengths = [], set()
   for p in range(process_count):
     batches = list(make_eval_iterator(fake_config, process_index=p, process_count=process_count,
@@ -158,7 +161,7 @@ def test_eval_visits_each_example_once(fake_config, process_count, devices):
 
 
 def test_label_fraction_subset_is_seeded(fake_config):
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   def subset(seed):
     it = make_train_iterator(fake_config, label_fraction=0.4, subset_seed=seed,
                              num_local_devices=2, process_index=0, process_count=1)
@@ -170,7 +173,7 @@ def test_label_fraction_subset_is_seeded(fake_config):
 
 
 def test_empty_point_cloud_gives_empty_mask(fake_config):
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   it = make_train_iterator(fake_config, num_local_devices=1, process_index=0, process_count=1)
   for _ in range(NUM_TRAIN):
     batch = next(it)
@@ -182,9 +185,9 @@ def test_empty_point_cloud_gives_empty_mask(fake_config):
 
 
 def test_truncated_shard_error_names_it(fake_config, tmp_path):
-  import shutil  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.pipeline import make_train_iterator, open_split  # pylint: disable=import-outside-toplevel
+  import shutil
+  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError
+  from nsmae_jax.data.pipeline import make_train_iterator, open_split
   config = fake_config.replace(data_dir=str(tmp_path / 'copy'))
   shutil.copytree(fake_config.data.data_dir, config.data.data_dir)
   shard = open_split(config, 'train')[1][0]
@@ -196,9 +199,9 @@ def test_truncated_shard_error_names_it(fake_config, tmp_path):
 
 
 def test_corrupt_shard_error_names_it(fake_config, tmp_path):
-  import shutil  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError, ShardIndex  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.pipeline import make_eval_iterator, open_split  # pylint: disable=import-outside-toplevel
+  import shutil
+  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError, ShardIndex
+  from nsmae_jax.data.pipeline import make_eval_iterator, open_split
   config = fake_config.replace(data_dir=str(tmp_path / 'copy'))
   shutil.copytree(fake_config.data.data_dir, config.data.data_dir)
   shard = open_split(config, 'val')[1][0]

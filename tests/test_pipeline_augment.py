@@ -3,6 +3,9 @@ on the converted synthetic world with and without it."""
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import math
 
 import numpy as np
@@ -96,7 +99,7 @@ def _converted_config(converted_data_dir, synthetic_dataroot, **kw):
 
 
 def test_pipeline_on_converted_world(converted_data_dir, synthetic_dataroot):
-  from nsmae_jax.data.pipeline import make_eval_iterator, make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_eval_iterator, make_train_iterator
   config = _converted_config(converted_data_dir, synthetic_dataroot)
   batch = next(make_train_iterator(config, num_local_devices=2, process_index=0,
                                    process_count=1))
@@ -110,7 +113,7 @@ def test_pipeline_on_converted_world(converted_data_dir, synthetic_dataroot):
 
 def test_augmented_pipeline_keeps_map_and_lidar_aligned(converted_data_dir, synthetic_dataroot):
   """After random rotation/flip/scale the walkway cells still carry the curb-height returns."""
-  from nsmae_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data.pipeline import make_train_iterator
   config = _converted_config(converted_data_dir, synthetic_dataroot, max_points=70000)
   aug = augment.Augmentation(max_rotation=math.pi, min_scale=1.0, max_scale=1.0)
   it = make_train_iterator(config, num_local_devices=1, process_index=0, process_count=1,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import os
 
 import pytest
@@ -11,7 +14,7 @@ from nsmae_jax.data import prepare
 
 
 def test_existing_dataset_is_reused(converted_data_dir, synthetic_dataroot, monkeypatch):
-  import data_prep.convert_nuscenes as convert_lib  # pylint: disable=import-outside-toplevel
+  import data_prep.convert_nuscenes as convert_lib
   monkeypatch.setattr(convert_lib, 'convert', lambda *a, **k: pytest.fail('converted again'))
   config = tiny_config(data_dir=converted_data_dir, dataroot=synthetic_dataroot, synthetic=False)
   assert prepare.ensure_dataset(config) == converted_data_dir
@@ -24,8 +27,8 @@ def test_missing_dataset_without_synthetic_names_data_dir(tmp_path):
 
 
 def test_synthetic_generates_then_converts(tmp_path, monkeypatch):
-  import data_prep.convert_nuscenes as convert_lib  # pylint: disable=import-outside-toplevel
-  import data_prep.make_synthetic as synth_lib  # pylint: disable=import-outside-toplevel
+  import data_prep.convert_nuscenes as convert_lib
+  import data_prep.make_synthetic as synth_lib
   calls = []
 
   def generate(out, **kw):

@@ -21,6 +21,9 @@ boxes_mask bool [D, B, M]; box_labels int32 [D, B, M]. Eval batches add valid bo
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import collections
 import math
 import os
@@ -88,7 +91,7 @@ class _Iterator:
   def __init__(self, config: Config, split: str, *, train: bool, label_fraction: float,
                subset_seed: int, process_index: int | None, process_count: int | None,
                num_local_devices: int | None, augmentation: augment_lib.Augmentation | None):
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     self._config = config
     self._split = split
     self._train = train
@@ -252,7 +255,7 @@ def make_eval_iterator(config: Config, *, split: str = 'val', process_index: int
 
 def prefetch_to_device(iterator, size: int = 2, devices=None):
   """Yields batches as jax arrays sharded over `devices` along the leading axis, `size` ahead."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   devices = list(devices or jax.local_devices())
   mesh = jax.sharding.Mesh(np.asarray(devices), ('devices',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))

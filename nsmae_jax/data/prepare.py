@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import os
 from typing import Callable
 
@@ -31,7 +34,7 @@ def ensure_dataset(config: Config, log: Callable[[str], None] = print) -> str:
         f'{naming.dataset_dir(d.data_dir, d)}; convert one with `python -m '
         f'data_prep.convert_nuscenes --dataroot=... --version={d.version} --out={d.data_dir}` '
         '(same image size / sweeps / BEV flags), or pass --synthetic for the demo world')
-  # pylint: disable=import-outside-toplevel
+
   from data_prep.convert_nuscenes import convert
   if not os.path.isdir(os.path.join(d.dataroot, d.version)):
     from data_prep.make_synthetic import generate

@@ -15,6 +15,9 @@ The devkit is imported lazily so that reading a converted dataset never needs it
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import dataclasses
 import os
 from typing import Any
@@ -35,7 +38,7 @@ JPEG_QUALITY = 95
 
 def detection_names() -> tuple[str, ...]:
   """The 10 nuScenes detection classes; a box label is an index into this tuple."""
-  from nuscenes.eval.detection.constants import DETECTION_NAMES  # pylint: disable=import-outside-toplevel
+  from nuscenes.eval.detection.constants import DETECTION_NAMES
   return tuple(DETECTION_NAMES)
 
 
@@ -59,8 +62,8 @@ class MissingInputError(FileNotFoundError):
 
 def _transform(record: dict[str, Any], inverse: bool = False) -> np.ndarray:
   """4x4 float64 matrix of a calibrated_sensor / ego_pose row (devkit's transform_matrix)."""
-  from nuscenes.utils.geometry_utils import transform_matrix  # pylint: disable=import-outside-toplevel
-  from pyquaternion import Quaternion  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.geometry_utils import transform_matrix
+  from pyquaternion import Quaternion
   return transform_matrix(record['translation'], Quaternion(record['rotation']), inverse=inverse)
 
 
@@ -146,7 +149,7 @@ def boxes_in_lidar(nusc, lidar_token: str, lidar2ego: np.ndarray, ego2global: np
   i.e. single-annotation instances) and labels int32 [M] (index into detection_names()).
   Annotations whose category is not a detection class are dropped.
   """
-  from nuscenes.eval.detection.utils import category_to_detection_name  # pylint: disable=import-outside-toplevel
+  from nuscenes.eval.detection.utils import category_to_detection_name
   names = detection_names()
   _, boxes, _ = nusc.get_sample_data(lidar_token)
   global2lidar_rot = (ego2global[:3, :3] @ lidar2ego[:3, :3]).T
@@ -174,7 +177,7 @@ def load_points(nusc, sample: dict[str, Any], num_sweeps: int) -> np.ndarray:
 
   Exactly from_file_multisweep (which also drops returns within 1 m of the sensor).
   """
-  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=import-outside-toplevel
+  from nuscenes.utils.data_classes import LidarPointCloud
   lidar = nusc.get('sample_data', sample['data'][LIDAR])
   _require_file(os.path.join(nusc.dataroot, lidar['filename']), 'LiDAR', sample['token'])
   try:
@@ -189,7 +192,7 @@ def load_points(nusc, sample: dict[str, Any], num_sweeps: int) -> np.ndarray:
 def load_image(path: str, settings: RecordSettings, sample_token: str
                ) -> tuple[bytes, tuple[int, int]]:
   """(JPEG bytes at the stored size, native (h, w)) of one camera image."""
-  import cv2  # pylint: disable=import-outside-toplevel
+  import cv2
   _require_file(path, 'camera image', sample_token)
   image = cv2.imread(path, cv2.IMREAD_COLOR)
   if image is None:

@@ -8,6 +8,9 @@ resume (the state is one integer) and splittable across processes.
 
 from __future__ import annotations
 
+# Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
+# pylint: disable=import-outside-toplevel
+
 import os
 import struct
 from typing import Sequence
@@ -87,7 +90,7 @@ def _scan(path: str) -> list[tuple[int, int]]:
 
 def verify(paths: Sequence[str]) -> list[str]:
   """The shards among `paths` that fail TensorFlow's CRC-checked read, each with its error."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   bad = []
   for path in paths:
     try:
