@@ -96,6 +96,10 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
       for stage, sec in seconds.items():
         stages[stage] = stages.get(stage, 0.0) + sec
       log(f'scene {i + 1}/{num_scenes} done ({time.time() - start:.1f}s)')
+  except BaseException:
+    if pool:
+      pool.terminate()  # do not wait for the other scenes on an error or Ctrl-C
+    raise
   finally:
     if pool:
       pool.close()
