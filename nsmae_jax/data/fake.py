@@ -60,6 +60,7 @@ def fake_batch(config: Config, batch_size: int, seed: int = 0) -> dict[str, np.n
       'points_mask': points_mask,
       'bev_map': (rng.uniform(size=(batch_size, NUM_MAP_CLASSES, hb, hb)) > 0.7).astype(np.uint8),
       'boxes': boxes,
+      'box_labels': rng.integers(0, 10, size=(batch_size, m)).astype(np.int32),
       'boxes_mask': np.arange(m)[None] < rng.integers(0, m + 1, size=(batch_size, 1)),
   }
 
