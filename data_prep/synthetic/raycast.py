@@ -30,7 +30,7 @@ class Hits:
   """Per ray of an [R, C] grid: t [R, C] (inf where nothing), hit [R, C] int32 (box index into
   the cast Boxes, or GROUND / CURB / SKY), face [R, C] int8 (box face 0-5: axis * 2 + positive
   side, in the box frame), material [R, C] uint8 (ground material where hit is GROUND/CURB),
-  box_any [N] int64 rays that cross each box ignoring occlusion (zeros unless counted)."""
+  box_any [N] int64 rays that cross each box ignoring occlusion."""
   t: np.ndarray
   hit: np.ndarray
   face: np.ndarray
