@@ -61,6 +61,15 @@ def _numeric(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
 
 
+def _replicate(tree: Any) -> Any:
+  """Replicates onto the local devices with the sharding pmap outputs carry.
+
+  flax's replicate() puts arrays on a differently named mesh than pmap's outputs; a pmapped
+  function called with both (eval before and after training) would compile twice.
+  """
+  return jax.pmap(lambda x: x, axis_name='batch')(jax_utils.replicate(tree))
+
+
 def _host_scalars(metrics: Any) -> dict[str, float]:
   metrics = jax.device_get(jax_utils.unreplicate(metrics))
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
@@ -142,9 +151,9 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
   p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss_fn), axis_name='batch',
                      donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, loss_fn=task.loss_fn), axis_name='batch')
-  rstate = jax_utils.replicate(state)
-  r_step_rng = jax_utils.replicate(step_rng)
-  r_eval_rng = jax_utils.replicate(eval_rng)
+  rstate = _replicate(state)
+  r_step_rng = _replicate(step_rng)
+  r_eval_rng = _replicate(eval_rng)
   del state
 
   last: dict[str, float] = {}
