@@ -29,8 +29,8 @@ class Conv3x3x3(nn.Module):
 
 class Fusion(nn.Module):
   """LiDAR BEV [B, X, Y, Cb] is lifted to [B, X, Y, Z, Cv] by a learned per-height projection,
-  concatenated with the camera volume and fused by two 3x3x3 convolutions (im2col); the fused volume is
-  also collapsed over z (with the LiDAR BEV) into a BEV map for downstream heads."""
+  concatenated with the camera volume and fused by two 3x3x3 convolutions (im2col); the fused
+  volume is also collapsed over z (with the LiDAR BEV) into a BEV map for downstream heads."""
   volume_channels: int
   bev_channels: int
   dtype: Any = jnp.float32

@@ -14,11 +14,11 @@ FieldFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, j
 
 
 def sample_ray(volume: jnp.ndarray, origin: jnp.ndarray, direction: jnp.ndarray,
-               near: jnp.ndarray, far: jnp.ndarray, key: jax.Array | None, num_samples: int,
+               near: jnp.ndarray, far: jnp.ndarray, jitter: jnp.ndarray | None, num_samples: int,
                box_min, box_max) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """One ray: origin, direction [3], near, far [] -> t, deltas [S], points [S, 3], volume
-  features at the points [S, C]."""
-  t, deltas = stratified_samples(key, near, far, num_samples)
+  """One ray: origin, direction [3], near, far [], jitter [S] or None (bin centres) -> t,
+  deltas [S], points [S, 3], volume features at the points [S, C]."""
+  t, deltas = stratified_samples(None, near, far, num_samples, jitter)
   points = origin + t[:, None] * direction
   return t, deltas, points, trilinear_interpolate(volume, points, box_min, box_max)
 
@@ -46,9 +46,10 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
                        in_axes=(None, 0, 0, 0, 0))
     t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far)
   else:
-    keys = jax.random.split(key, (b, r))
+    # One draw for every ray's jitter: per-ray keys would cost a threefry split per ray.
+    jitter = jax.random.uniform(key, (b, r, num_samples), dtype=origins.dtype)
     rays_fn = jax.vmap(per_ray, in_axes=(None, 0, 0, 0, 0, 0))
-    t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far, keys)
+    t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far, jitter)
   c = feats.shape[-1]
   density, color = field_fn(feats.reshape(-1, c), points.reshape(-1, 3),
                             jnp.broadcast_to(dirs[:, :, None, :], points.shape).reshape(-1, 3))

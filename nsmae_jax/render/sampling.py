@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 
 def stratified_samples(key: jax.Array | None, near: jnp.ndarray, far: jnp.ndarray,
-                       num_samples: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+                       num_samples: int, jitter: jnp.ndarray | None = None
+                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Stratified sample distances for one ray.
 
   [near, far] is cut into `num_samples` equal bins; one sample per bin at a uniform random
@@ -15,13 +16,19 @@ def stratified_samples(key: jax.Array | None, near: jnp.ndarray, far: jnp.ndarra
 
   Args:
     key: PRNGKey or None; near, far: [] scalars (m).
+    jitter: [S] uniform [0, 1) positions within the bins, used instead of drawing from `key`
+      (render_rays draws all rays' jitter in one call).
 
   Returns:
     t [S] sample distances, deltas [S] bin lengths (m).
   """
   width = (far - near) / num_samples
-  offset = (jax.random.uniform(key, (num_samples,), dtype=jnp.result_type(near))
-            if key is not None else 0.5)
+  if jitter is not None:
+    offset = jitter
+  elif key is not None:
+    offset = jax.random.uniform(key, (num_samples,), dtype=jnp.result_type(near))
+  else:
+    offset = 0.5
   t = near + (jnp.arange(num_samples) + offset) * width
   return t, jnp.full((num_samples,), width)
 
