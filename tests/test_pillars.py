@@ -25,7 +25,7 @@ def pfn():
   net = PillarFeatureNet(features=16, cells=CELLS, half_extent=E)
   pts, mask = _points(0)
   ids = pillar_ids(pts, mask, CELLS, E, ZMIN, ZMAX)
-  params = net.init(jax.random.key(0), pts, ids)
+  params = jax.jit(net.init)(jax.random.key(0), pts, ids)
 
   @jax.jit
   def apply(pts, mask):
