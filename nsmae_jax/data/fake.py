@@ -26,7 +26,7 @@ def _camera_rig(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   intr = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]], np.float32)
   # Camera axes in the LiDAR frame for yaw 0 (looking along +y): x_cam = +x, y_cam = -z,
   # z_cam = +y.
-  base = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], np.float64).T  # columns: cam axes
+  base = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], np.float64)  # columns: cam axes
   cam2lidar = np.zeros((NUM_CAMERAS, 4, 4), np.float32)
   for k, yaw in enumerate(yaws):
     c, s = np.cos(yaw), np.sin(yaw)
