@@ -14,10 +14,13 @@ the devkit lays them out (front row: left, front, right; back row: left, back, r
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Any, Mapping, Sequence
 
+import matplotlib
+import matplotlib.style
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -28,6 +31,17 @@ CAMERA_GRID = ((2, 0, 1), (4, 3, 5))
 MAP_CLASSES = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
                'divider')
 DEPTH_CMAP = 'turbo'
+
+
+def _default_style(fn):
+  """Builds (and draws) figures under matplotlib's default style: nuscenes-devkit's map API
+  switches the global style to seaborn's whitegrid on import, which would grid every image."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with matplotlib.style.context('default'):
+      return fn(*args, **kwargs)
+  return wrapper
 
 
 def per_device_batch(batch: Mapping[str, Any], device: int = 0) -> dict[str, np.ndarray]:
@@ -76,6 +90,7 @@ def project_lidar(points: np.ndarray, points_mask: np.ndarray, intrinsics: np.nd
   return out
 
 
+@_default_style
 def camera_lidar_figure(example: Mapping[str, Any], max_depth: float | None = None,
                         point_size: float = 1.5, min_depth: float = 1.0) -> Figure:
   """Six camera images with the LiDAR points projected on them, coloured by depth.
@@ -130,6 +145,7 @@ def _bev_image(ax, grid: np.ndarray, half_extent: float, **kw) -> Any:
   return im
 
 
+@_default_style
 def bev_map_figure(bev_map: np.ndarray, half_extent: float,
                    class_names: Sequence[str] = MAP_CLASSES) -> Figure:
   """BEV map masks [C, X, Y] (LiDAR frame, [x, y] indexing) -> one panel per class.
@@ -163,6 +179,7 @@ def _masked_depth(depth: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
   return depth if valid is None else np.ma.masked_where(~valid, depth)
 
 
+@_default_style
 def rendered_vs_target_figure(views: Mapping[str, np.ndarray], half_extent: float) -> Figure:
   """Rendered vs target colour and depth, perspective view (top row) and BEV view (bottom row).
 
@@ -206,6 +223,7 @@ def rendered_vs_target_figure(views: Mapping[str, np.ndarray], half_extent: floa
   return fig
 
 
+@_default_style
 def predicted_vs_true_figure(probs: np.ndarray, labels: np.ndarray, half_extent: float,
                              threshold: float = 0.5,
                              class_names: Sequence[str] = MAP_CLASSES) -> Figure:
@@ -242,21 +260,37 @@ class LiveLossPlot:
 
   Records `keys` (train metrics) and their 'eval_' counterparts per step and, inside IPython,
   redraws one figure in place (a display handle updated at every log step). Outside IPython (a
-  script, CI) it only records; `figure()` draws the curves at any time.
+  script, CI) it only records; `figure()` draws the curves at any time. With `workdir`, the
+  history starts from that run's metrics.jsonl, so a re-run cell that resumes a run shows the
+  whole curve; a value logged again for a step (after a resume) replaces the later ones.
   """
 
-  def __init__(self, keys: Sequence[str] = ('loss',), title: str = '', live: bool = True):
+  def __init__(self, keys: Sequence[str] = ('loss',), title: str = '', live: bool = True,
+               workdir: str | None = None):
     self.keys = tuple(keys)
     self.title = title
     self.history: dict[str, list[tuple[int, float]]] = {}
     self._handle = None
     self._live = live and _in_ipython()
+    path = os.path.join(workdir, 'metrics.jsonl') if workdir else ''
+    if path and os.path.isfile(path):
+      import json  # pylint: disable=import-outside-toplevel
+      with open(path) as f:
+        for line in f:
+          if line.strip():
+            row = json.loads(line)
+            self._record(row['step'], row)
 
-  def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+  def _record(self, step: int, metrics: Mapping[str, float]) -> None:
     for key in self.keys:
       for name in (key, f'eval_{key}'):
-        if name in metrics and np.isfinite(metrics[name]):
-          self.history.setdefault(name, []).append((int(step), float(metrics[name])))
+        value = metrics.get(name)
+        if value is not None and np.isfinite(value):
+          points = [p for p in self.history.get(name, []) if p[0] < step]
+          self.history[name] = points + [(int(step), float(value))]
+
+  def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+    self._record(step, metrics)
     if self._live:
       from IPython import display  # pylint: disable=import-outside-toplevel
       image = display.Image(data=figure_png(self.figure()))
@@ -265,18 +299,23 @@ class LiveLossPlot:
       else:
         self._handle.update(image)
 
+  @_default_style
   def figure(self) -> Figure:
-    """The curves recorded so far (log-scale y when all values are positive)."""
-    fig = Figure(figsize=(7, 3.2), layout='constrained')
+    """The curves so far: one colour per key, train solid, eval dashed with markers (log-scale
+    y when every value is positive)."""
+    fig = Figure(figsize=(8, 3.4), layout='constrained')
     ax = fig.subplots()
     positive = True
-    for name, points in sorted(self.history.items()):
-      steps, values = zip(*points)
-      ax.plot(steps, values, marker='o' if name.startswith('eval_') else None, markersize=3,
-              label=name)
-      positive &= min(values) > 0
+    colors = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
+    for k, key in enumerate(self.keys):
+      for name, style in ((key, dict(linestyle='-')),
+                          (f'eval_{key}', dict(linestyle='--', marker='o', markersize=3))):
+        if name in self.history:
+          steps, values = zip(*self.history[name])
+          ax.plot(steps, values, color=colors[k % len(colors)], label=name, **style)
+          positive &= min(values) > 0
     if self.history:
-      ax.legend(fontsize=8)
+      ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
       if positive:
         ax.set_yscale('log')
     ax.set_xlabel('step')
@@ -293,6 +332,7 @@ def _in_ipython() -> bool:
   return get_ipython() is not None
 
 
+@_default_style
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
   """The figure encoded as PNG bytes."""
   buf = io.BytesIO()

@@ -97,6 +97,14 @@ def test_bev_map_figure_draws_x_right_and_forward_up():
   assert fig.axes[0].get_title() == 'drivable_area (2%)'
 
 
+def test_figures_ignore_the_global_style_the_devkit_sets():
+  import matplotlib.style  # pylint: disable=import-outside-toplevel
+  with matplotlib.style.context('seaborn-v0_8-whitegrid'):  # what nuscenes.map_expansion sets
+    fig = viz.bev_map_figure(np.zeros((6, 4, 4)), E)
+    viz.figure_png(fig)
+  assert not any(line.get_visible() for ax in fig.axes for line in ax.get_xgridlines())
+
+
 def test_bev_map_figure_names_the_expected_shape():
   with pytest.raises(ValueError, match=r'bev_map must be \[6, X, Y\], got \(1, 6, 8, 8\)'):
     viz.bev_map_figure(np.zeros((1, 6, 8, 8)), E)
@@ -158,6 +166,19 @@ def test_live_loss_plot_records_train_and_eval_values_and_skips_non_finite():
   ax = plot.figure().axes[0]
   assert sorted(line.get_label() for line in ax.lines) == ['bev_color_loss', 'eval_loss', 'loss']
   assert ax.get_yscale() == 'log'
+
+
+def test_live_loss_plot_starts_from_a_resumed_runs_metrics_and_replaces_relogged_steps(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  rows = [{'step': 2, 'loss': 3.0}, {'step': 4, 'loss': 2.0}, {'step': 4, 'eval_loss': 2.5},
+          {'step': 6, 'loss': 1.0}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  plot = viz.LiveLossPlot(('loss',), workdir=str(tmp_path))
+  assert plot.history == {'loss': [(2, 3.0), (4, 2.0), (6, 1.0)], 'eval_loss': [(4, 2.5)]}
+  plot(6, {'loss': 0.5})   # resumed from step 4: step 6 is logged again
+  assert plot.history['loss'] == [(2, 3.0), (4, 2.0), (6, 0.5)]
+  assert viz.LiveLossPlot(workdir=str(tmp_path / 'none')).history == {}
 
 
 def test_show_writes_a_png_and_needs_a_name_to_save(tmp_path):
