@@ -24,12 +24,12 @@ import matplotlib.style
 import numpy as np
 from matplotlib.figure import Figure
 
-CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT',
-           'CAM_BACK_RIGHT')
+# The record's camera order and map classes (no TensorFlow or devkit import).
+from nsmae_jax.data.nuscenes_nsmae.record import CAMERAS, MAP_CLASSES
+from nsmae_jax.render.rays import in_image, project_points
+
 # Camera index (nuScenes order) at each cell of the 2 x 3 display grid.
 CAMERA_GRID = ((2, 0, 1), (4, 3, 5))
-MAP_CLASSES = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
-               'divider')
 DEPTH_CMAP = 'turbo'
 
 
@@ -76,7 +76,6 @@ def project_lidar(points: np.ndarray, points_mask: np.ndarray, intrinsics: np.nd
     Per camera (nuScenes order) (uv [n, 2] pixel coordinates, u right / v down, and depth [n]
     along the optical axis, m) of the points in front of it and inside its image.
   """
-  from nsmae_jax.render.rays import in_image, project_points  # pylint: disable=import-outside-toplevel
   pts = np.asarray(points, np.float32)[:, :3]
   valid = np.asarray(points_mask, bool)
   h, w = image_hw

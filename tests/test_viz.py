@@ -1,4 +1,4 @@
-"""nsmae_jax.viz: projection overlay, BEV orientation, masked depth, IoU titles, live plot, saving."""
+"""nsmae_jax.viz: LiDAR overlay, BEV orientation, masked depth, IoU titles, loss plot, saving."""
 
 from __future__ import annotations
 
