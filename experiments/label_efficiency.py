@@ -26,6 +26,8 @@ from absl import flags
 
 from experiments import flags as nsflags
 
+FLAGS = flags.FLAGS
+
 _FRACTIONS = flags.DEFINE_list('fractions', ['0.01', '0.05', '0.1', '1.0'],
                                'Label fractions of the grid.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
@@ -48,6 +50,8 @@ _ABLATIONS = flags.DEFINE_list('ablations', [], 'Pre-training ablations to fine-
                                     'no_mask']))
 _ABLATION_FRACTION = flags.DEFINE_float('ablation_fraction', 0.05,
                                         'The label fraction of the ablation cells.')
+_RUN_CELL = flags.DEFINE_string('run_cell', '', 'Internal: run the one job described by this '
+                                'JSON file (a fresh process per cell) and exit.')
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', '', 'Persistent XLA compilation cache dir shared by the cells (every '
     'cell compiles the same program); empty = <results_dir>/xla_cache, "none" = off.')
@@ -191,13 +195,62 @@ def _enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
+def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
+  """Runs one pre-training ('pretrain') or fine-tuning ('finetune') job; returns its metrics.
+
+  Out of process by default: XLA:CPU never unmaps the code of executables it loaded, so two
+  dozen runs in one process ran out of memory mappings ("LLVM ERROR: Unable to allocate section
+  memory") after 14 cells. A fresh process per cell costs a few seconds of imports; the
+  persistent compilation cache still spares the compiles.
+  """
+  # pylint: disable=import-outside-toplevel
+  if in_process:
+    from experiments import finetune_bevseg
+    from nsmae_jax import train
+    if kind == 'pretrain':
+      return train.train_and_evaluate(config, workdir)
+    return finetune_bevseg.finetune(config, workdir)
+  import subprocess
+  import sys
+  os.makedirs(workdir, exist_ok=True)
+  job = os.path.join(workdir, 'job.json')
+  with open(job, 'w') as f:
+    json.dump({'kind': kind, 'workdir': workdir, 'config': config.to_dict(),
+               'compilation_cache': _cache_dir_value()}, f, indent=1)
+  subprocess.run([sys.executable, '-m', 'experiments.label_efficiency', f'--run_cell={job}'],
+                 check=True)
+  with open(os.path.join(workdir, 'job_result.json')) as f:
+    return json.load(f)
+
+
+def _cache_dir_value() -> str:
+  try:
+    return _COMPILATION_CACHE.value
+  except flags.UnparsedFlagAccessError:
+    return 'none'
+
+
+def _run_cell_main(path: str) -> None:
+  """Child process: runs the job of `path` and writes job_result.json next to it."""
+  from nsmae_jax.config import Config  # pylint: disable=import-outside-toplevel
+  with open(path) as f:
+    job = json.load(f)
+  if job.get('compilation_cache', 'none') not in ('none', ''):
+    _enable_compilation_cache(job['compilation_cache'])
+  config = Config.from_dict(job['config'])
+  res = _run_job(job['kind'], config, job['workdir'], in_process=True)
+  with open(os.path.join(job['workdir'], 'job_result.json'), 'w') as f:
+    json.dump({k: v for k, v in res.items() if isinstance(v, (int, float))}, f, indent=1)
+
+
 def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'pretrained'),
              ablations=(), ablation_fraction=0.05, pretrain_steps=0, finetune_steps=0,
-             finetune_learning_rate=0.0, out_prefix='', log=print) -> list[dict]:
-  """Runs every unfinished cell of the grid (pre-training first); returns the CSV rows."""
-  # pylint: disable=import-outside-toplevel
-  from experiments.finetune_bevseg import finetune
-  from nsmae_jax import train
+             finetune_learning_rate=0.0, out_prefix='', log=print,
+             in_process: bool = False) -> list[dict]:
+  """Runs every unfinished cell of the grid (pre-training first); returns the CSV rows.
+
+  Each job runs in a fresh Python process unless in_process (tests with fake training).
+  """
   out_prefix = out_prefix or os.path.join(results_dir, 'label_efficiency')
   cells = plan(fractions, seeds, inits, ablations, ablation_fraction)
   for ab in ablations:
@@ -210,7 +263,8 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
       continue
     log(f'== pre-training {ab or "(full NS-MAE)"} -> {wd}')
     t0 = time.time()
-    res = train.train_and_evaluate(pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {})), wd)
+    res = _run_job('pretrain', pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {})), wd,
+                   in_process)
     with open(os.path.join(wd, 'done.json'), 'w') as f:
       json.dump(dict(res, wall_s=time.time() - t0), f, indent=1)
   ft_cfg = config.replace(
@@ -226,7 +280,7 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
                          subset_seed=seed, seed=seed)
     log(f'== {init} fraction {fraction:g} seed {seed} -> {wd}')
     t0 = time.time()
-    res = finetune(cfg, wd)
+    res = _run_job('finetune', cfg, wd, in_process)
     res['wall_s'] = time.time() - t0
     res['steps'] = cfg.train.num_train_steps
     with open(os.path.join(wd, 'result.json')) as f:
@@ -243,10 +297,13 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
 
 def main(argv):
   del argv
+  if _RUN_CELL.value:
+    _run_cell_main(_RUN_CELL.value)
+    return
   config = nsflags.config_from_flags()
   results_dir = _RESULTS_DIR.value
-  if _COMPILATION_CACHE.value != 'none':
-    _enable_compilation_cache(_COMPILATION_CACHE.value or os.path.join(results_dir, 'xla_cache'))
+  if _COMPILATION_CACHE.value == '':
+    FLAGS.compilation_cache = os.path.abspath(os.path.join(results_dir, 'xla_cache'))
   t0 = time.time()
   rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
                   [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),

@@ -53,7 +53,7 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   config = tiny_config(str(tmp_path), num_train_steps=9)
   out = str(tmp_path / 'docs' / 'le')
   kw = dict(pretrain_steps=50, finetune_steps=7, finetune_learning_rate=3e-4, out_prefix=out,
-            log=lambda s: None)
+            log=lambda s: None, in_process=True)
   rows = le.run_grid(config, str(tmp_path / 'res'), [0.05, 1.0], [0, 1], **kw)
   assert len(rows) == 8
   assert len(fake_training['pretrain']) == 1
@@ -89,7 +89,8 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
 def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
   config = tiny_config(str(tmp_path))
   le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], inits=('pretrained',),
-              ablations=('no_mask', 'no_bev'), ablation_fraction=0.05, log=lambda s: None)
+              ablations=('no_mask', 'no_bev'), ablation_fraction=0.05, log=lambda s: None,
+              in_process=True)
   pre = fake_training['pretrain']
   assert len(pre) == 3
   assert pre[1].model.image_mask_ratio == 0.0 and pre[1].model.lidar_mask_ratio == 0.0
@@ -99,4 +100,4 @@ def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
   assert len(ab) == 1 and ab[0].finetune.label_fraction == 0.05
   with pytest.raises(ValueError, match='--ablations: unknown ablation'):
     le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], ablations=('no_lidar',),
-                log=lambda s: None)
+                log=lambda s: None, in_process=True)
