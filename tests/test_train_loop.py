@@ -111,3 +111,25 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
     train_and_evaluate(config, task=toy_task(nan_after_step=0),
                        train_iterator=FakeIterator(config, 2))
   assert Checkpointer(config.train.workdir).latest_step() == 2  # the bad state was not saved
+
+
+def test_eval_step_sums_array_metrics_per_element_and_skips_padding():
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.train.steps import eval_step  # pylint: disable=import-outside-toplevel
+
+  def loss_fn(params, batch, rng, train):
+    del params, rng, train
+    x = batch['x'][0]  # [3]
+    return jnp.sum(x), {'metrics': {'counts': x, 'first': x[0]}}
+
+  x = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)  # [devices, B, 3]
+  valid = np.array([[True, True], [True, False]])  # the last example is padding
+  out = jax.pmap(functools.partial(eval_step, loss_fn=loss_fn), axis_name='batch')(
+      np.zeros(2), {'x': x, 'valid': valid}, jax.random.split(jax.random.PRNGKey(0), 2))
+  out = jax.tree_util.tree_map(lambda v: np.asarray(v[0]), out)
+  kept = x.reshape(4, 3)[:3]
+  np.testing.assert_allclose(out['counts'], kept.sum(0))
+  assert out['first'] == pytest.approx(kept[:, 0].sum())
+  assert out['count'] == 3

@@ -71,6 +71,11 @@ def eval_step(params, batch: dict, rng: jax.Array, *, loss_fn: LossFn) -> dict:
   losses, aux = _per_example(loss_fn, params, batch, rng, False)
   metrics = dict(aux['metrics'], loss=losses)
   weight = jnp.ones_like(losses) if valid is None else valid.astype(losses.dtype)
-  sums = {k: jnp.sum(jnp.where(weight > 0, v, 0.0) * weight) for k, v in metrics.items()}
+
+  def weighted_sum(v):  # v [B, ...]: per-example scalars or arrays (e.g. TP/FP/FN counts)
+    w = weight.reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.sum(jnp.where(w > 0, v, 0.0) * w, axis=0)
+
+  sums = {k: weighted_sum(v) for k, v in metrics.items()}
   sums['count'] = jnp.sum(weight)
   return jax.lax.psum(sums, AXIS)
