@@ -57,6 +57,35 @@ def test_pretrain_writes_metrics_images_checkpoints_and_restores_backbone(conver
     np.testing.assert_array_equal(a, b)
 
 
+def _full_config(tmp_path, *extra):
+  from experiments import flags as nsflags  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  nsflags.FLAGS.unparse_flags()
+  nsflags.FLAGS(['prog', f'--flagfile={root}/experiments/configs/full.flags',
+                 f'--data_dir={tmp_path}', f'--workdir={tmp_path}/w', *extra])
+  try:
+    return nsflags.config_from_flags()
+  finally:
+    nsflags.FLAGS.unparse_flags()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_exact_full_config_traces_at_full_size(tmp_path):
+  """The exact full.flags model and loss trace (abstractly: no memory) at its real shapes."""
+  config = _full_config(tmp_path, '--per_device_batch_size=1')
+  assert config.pillar_cells == 400 and config.volume_shape == (100, 100, 8)
+  task = pretrain_task(config)
+  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 fake_batch(config, 1))
+  params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0), batch)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  assert 90_000_000 < n_params < 100_000_000  # 93.3M: base ViT + PointPillars-like branch
+  loss, _ = jax.eval_shape(lambda p, b: task.loss_fn(p, b, jax.random.PRNGKey(1), True),
+                           params, batch)
+  assert loss.shape == ()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_full_config_builds_and_takes_one_step_on_cpu(tmp_path):
@@ -64,18 +93,10 @@ def test_full_config_builds_and_takes_one_step_on_cpu(tmp_path):
   at batch 1 on CPU. The BEV grid is halved (pillar 0.5 m: a 200x200 canvas and a 50x50x8 volume
   instead of 400x400 and 100x100x8) and points and rays reduced: the exact full grid needed
   15-19 GB RSS for one CPU step, too close to this 24 GiB machine's limit to run in CI."""
-  from experiments import flags as nsflags  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  nsflags.FLAGS.unparse_flags()
-  nsflags.FLAGS(['prog', f'--flagfile={root}/experiments/configs/full.flags',
-                 f'--data_dir={tmp_path}', '--per_device_batch_size=1', '--max_points=32768',
-                 '--perspective_rays=512', '--bev_rays=512', '--num_samples=32', '--pillar_size=0.5',
-                 '--num_train_steps=1', f'--workdir={tmp_path}/w', '--eval_every_steps=0',
-                 '--image_every_steps=0', '--half_precision=false'])
-  try:
-    config = nsflags.config_from_flags()
-  finally:
-    nsflags.FLAGS.unparse_flags()
+  config = _full_config(tmp_path, '--per_device_batch_size=1', '--max_points=32768',
+                        '--perspective_rays=512', '--bev_rays=512', '--num_samples=32',
+                        '--pillar_size=0.5', '--num_train_steps=1', '--eval_every_steps=0',
+                        '--image_every_steps=0', '--half_precision=false')
   assert config.model.model_size == 'base' and config.data.image_width == 704
   task = pretrain_task(config)
   batch = fake_batch(config, 1)
