@@ -53,7 +53,6 @@ class DataConfig:
   bev_half_extent: float = _f(32.0, 'Half extent of the BEV map targets and of every BEV grid '
                               '(m): the grid spans [-E, E] in x and y of the LiDAR frame.')
   bev_resolution: float = _f(0.5, 'Cell size of the BEV map targets (m).')
-  shuffle_buffer: int = _f(64, 'tf.data shuffle buffer (examples).')
   prefetch: int = _f(2, 'Batches prefetched to the devices.')
   convert_workers: int = _f(2, 'Worker processes used when converting a dataroot.')
 

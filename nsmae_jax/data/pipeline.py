@@ -7,7 +7,7 @@ per-device batch). Records are read by index from the shards (shards.ShardIndex)
 padded in a parallel, order-preserving tf.data map, batched and prefetched. So the order is a
 function of (seed, position) only: the same seed gives the same batches, the iterator state is
 the next batch number, and a restored iterator continues exactly. The whole-split permutation
-replaces a shuffle buffer (--shuffle_buffer is not used).
+replaces a shuffle buffer.
 
 Per-example randomness (point subsampling when N > P, augmentation) is seeded by
 (seed, stream position), so it is reproducible too.
