@@ -24,9 +24,12 @@ from __future__ import annotations
 # Heavy or optional modules (devkit, TensorFlow, cv2) are imported where they are used.
 # pylint: disable=import-outside-toplevel
 
+import atexit
 import collections
+import gc
 import math
 import os
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -85,6 +88,19 @@ def _fit(example: dict[str, tf.Tensor], config: Config, seed: tf.Tensor) -> dict
   }
 
 
+# Live iterators are closed at exit, while the interpreter is still whole: a tf.data iterator over
+# from_generator that is finalised during interpreter teardown can deadlock (seen: a pytest
+# process that never exited after its last test).
+_LIVE: 'weakref.WeakSet[_Iterator]' = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for iterator in list(_LIVE):
+    iterator.close()
+  gc.collect()
+
+
 class _Iterator:
   """Batches of one process in the stream order of the module docstring; checkpointable."""
 
@@ -120,6 +136,13 @@ class _Iterator:
     self._tf_iter = None
     n, g = len(self._examples), self._pc * self._local
     self.num_batches = math.ceil(n / g) if not train else None
+    _LIVE.add(self)
+
+  def close(self) -> None:
+    """Releases the tf.data iterator (and its prefetch threads); iteration can restart."""
+    tf_iter, self._tf_iter = self._tf_iter, None
+    if tf_iter is not None:
+      tf_iter.close()
 
   # ---- order ----
   def _perm(self, epoch: int) -> np.ndarray:
@@ -221,7 +244,7 @@ class _Iterator:
         raise ValueError(f'data iterator state has {key}={state[key]!r}, this iterator '
                          f'{mine[key]!r}: the saved order cannot be continued')
     self._next_batch = int(state['next_batch'])
-    self._tf_iter = None
+    self.close()
 
 
 def make_train_iterator(config: Config, *, label_fraction: float = 1.0, subset_seed: int = 0,
