@@ -125,7 +125,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
 
   rng = jax.random.PRNGKey(tc.seed)
   init_rng, step_rng, eval_rng, image_rng = jax.random.split(rng, 4)
-  example = {k: v for k, v in fake_batch(config, tc.per_device_batch_size).items()}
+  example = fake_batch(config, tc.per_device_batch_size)  # shapes only, for init
   params = jax.jit(task.init_params)(init_rng, example)  # eager init compiles op by op
   tx = make_optimizer(tc)
   state = TrainState.create(apply_fn=None, params=params, tx=tx)
