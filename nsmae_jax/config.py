@@ -151,6 +151,9 @@ class FinetuneConfig:
   subset_seed: int = _f(0, 'Seed of the labelled subset (label fractions).')
   seg_loss: str = _f('focal', 'Segmentation loss: focal or bce.')
   seg_head_channels: int = _f(64, 'Channels of the BEV segmentation head convolutions.')
+  backbone_lr_scale: float = _f(1.0, 'Learning-rate multiplier of the backbone while '
+                                'fine-tuning (the head keeps 1); 0 freezes the backbone (a probe '
+                                'of the pre-trained features).')
 
 
 GROUPS = {'data': DataConfig, 'model': ModelConfig, 'render': RenderConfig, 'loss': LossConfig,
@@ -260,6 +263,9 @@ class Config:
       raise ConfigError(f'--z_max: must be > --z_min ({m.z_min}), got {m.z_max}')
     if not 0.0 < self.finetune.label_fraction <= 1.0:
       raise ConfigError(f'--label_fraction: must be in (0, 1], got {self.finetune.label_fraction}')
+    if self.finetune.backbone_lr_scale < 0:
+      raise ConfigError('--backbone_lr_scale: must be >= 0, got '
+                        f'{self.finetune.backbone_lr_scale}')
     if self.finetune.seg_loss not in ('focal', 'bce'):
       raise ConfigError(f'--seg_loss: must be focal or bce, got {self.finetune.seg_loss!r}')
     if self.finetune.init_workdir and not os.path.isdir(self.finetune.init_workdir):

@@ -99,6 +99,38 @@ def test_seg_loss_matches_closed_forms():
     seg_loss(logits, labels, 'dice')
 
 
+@pytest.mark.parametrize('scale', [0.0, 0.25])
+def test_backbone_lr_scale_scales_only_backbone_updates(fresh_params, scale):
+  """--backbone_lr_scale multiplies the backbone's AdamW update (weight decay included); the
+  head's update is the plain one; 0 leaves the backbone exactly as loaded."""
+  from nsmae_jax.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  config = tiny_config(learning_rate=1e-2, warmup_steps=0, num_train_steps=10)
+  task = bevseg_task(config.replace(backbone_lr_scale=scale))
+  assert bevseg_task(config).lr_scales is None  # the default adds nothing to the optimiser
+  params = jax.tree_util.tree_map(np.asarray, fresh_params)
+  grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.3), params)
+
+  def first_update(tx):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+
+  plain = first_update(make_optimizer(config.train))
+  scaled = first_update(make_optimizer(config.train, task.lr_scales))
+  for path, leaf in _leaves(scaled):
+    ref = dict(_leaves(plain))[path]
+    want = ref * (scale if path.startswith('backbone/') else 1.0)
+    np.testing.assert_allclose(leaf, want, rtol=1e-6, atol=0, err_msg=path)
+  assert any(np.any(u != 0) for p, u in _leaves(scaled) if p.startswith('head/'))
+  if scale == 0.0:
+    assert all(np.all(u == 0) for p, u in _leaves(scaled) if p.startswith('backbone/'))
+
+
+def test_negative_backbone_lr_scale_names_the_flag():
+  from nsmae_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match='--backbone_lr_scale'):
+    tiny_config().replace(backbone_lr_scale=-0.1).validate()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_finetune_loop_end_to_end(tmp_path):

@@ -142,9 +142,16 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
           json.dump(report, f, indent=1)
     return params
 
+  def lr_scales(params):
+    """The backbone learns at backbone_lr_scale x the head's rate (0 = frozen)."""
+    return {k: jax.tree_util.tree_map(
+        lambda _, s=(fc.backbone_lr_scale if k == 'backbone' else 1.0): s, v)
+            for k, v in params.items()}
+
   return Task(name='bevseg', model=model, init_params=init_params, loss_fn=loss_fn,
               render_images=render_images, eval_summary=eval_summary,
               prepare_params=prepare_params,
+              lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
               train_data_kwargs=dict(label_fraction=fc.label_fraction,
                                      subset_seed=fc.subset_seed),
               headline='miou')

@@ -127,7 +127,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
   init_rng, step_rng, eval_rng, image_rng = jax.random.split(rng, 4)
   example = fake_batch(config, tc.per_device_batch_size)  # shapes only, for init
   params = jax.jit(task.init_params)(init_rng, example)  # eager init compiles op by op
-  tx = make_optimizer(tc)
+  tx = make_optimizer(tc, task.lr_scales)
   state = TrainState.create(apply_fn=None, params=params, tx=tx)
 
   ckpt = Checkpointer(workdir, max_to_keep=tc.max_to_keep)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import jax
 import optax
 
 from nsmae_jax.config import TrainConfig
@@ -15,12 +18,27 @@ def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
       decay_steps=max(train.num_train_steps, warmup + 1), end_value=0.0)
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-  """AdamW (decoupled weight decay on >=2-d weights only) behind optional gradient clipping."""
+def scale_updates(lr_scales: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by lr_scales(params)'s leaf (a per-leaf learning-rate
+  multiplier; weight decay included, so a 0 leaf stays exactly where it is)."""
+
+  def update_fn(updates, state, params=None):
+    scales = lr_scales(updates if params is None else params)
+    return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(train: TrainConfig, lr_scales: Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay on >=2-d weights only) behind optional gradient clipping.
+
+  lr_scales: params -> a tree of the same structure of per-leaf learning-rate multipliers
+  (e.g. a lower rate for a pre-trained backbone); None = 1 everywhere.
+  """
   schedule = learning_rate_schedule(train)
 
   def decay_mask(params):
-    import jax  # pylint: disable=import-outside-toplevel
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
   parts = []
@@ -28,4 +46,6 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=train.weight_decay,
                            mask=decay_mask))
+  if lr_scales is not None:
+    parts.append(scale_updates(lr_scales))
   return optax.chain(*parts)
