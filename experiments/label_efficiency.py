@@ -195,6 +195,29 @@ def _enable_compilation_cache(directory: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
+# Settings that do not change a job's result: a finished job run with other values still counts.
+_BOOKKEEPING = {'workdir', 'log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
+                'max_to_keep', 'convert_workers'}
+
+
+def check_same_settings(workdir: str, config) -> None:
+  """Raises ConfigError naming `workdir` and the flags that differ when the job there (finished
+  or interrupted) was started with other settings than `config`: a resumed grid must not
+  silently mix cells of two protocols."""
+  from nsmae_jax.config import Config, ConfigError  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = Config.from_dict(json.load(f)).to_dict()
+  want = config.to_dict()
+  diff = [f'--{k}: {saved[g][k]!r} there, {v!r} now' for g in want for k, v in want[g].items()
+          if k not in _BOOKKEEPING and saved[g][k] != v]
+  if diff:
+    raise ConfigError(f'{workdir} was run with other settings ({"; ".join(diff)}); delete it '
+                      'or use another --results_dir')
+
+
 def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
   """Runs one pre-training ('pretrain') or fine-tuning ('finetune') job; returns its metrics.
 
@@ -259,12 +282,13 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps)
   for ab in [''] * any(i != 'scratch' for i in inits) + list(ablations):
     wd = pretrain_dir(results_dir, ab)
+    cfg = pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {}))
+    check_same_settings(wd, cfg)
     if os.path.exists(os.path.join(wd, 'done.json')):
       continue
     log(f'== pre-training {ab or "(full NS-MAE)"} -> {wd}')
     t0 = time.time()
-    res = _run_job('pretrain', pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {})), wd,
-                   in_process)
+    res = _run_job('pretrain', cfg, wd, in_process)
     with open(os.path.join(wd, 'done.json'), 'w') as f:
       json.dump(dict(res, wall_s=time.time() - t0), f, indent=1)
   ft_cfg = config.replace(
@@ -272,12 +296,13 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
       learning_rate=finetune_learning_rate or config.train.learning_rate)
   for init, fraction, seed in cells:
     wd = os.path.join(results_dir, cell_name(init.replace(':', '-'), fraction, seed))
-    if os.path.exists(os.path.join(wd, 'result.json')):
-      continue
     ablation = init.split(':')[1] if ':' in init else ''
     init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
     cfg = ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
                          subset_seed=seed, seed=seed)
+    check_same_settings(wd, cfg)
+    if os.path.exists(os.path.join(wd, 'result.json')):
+      continue
     log(f'== {init} fraction {fraction:g} seed {seed} -> {wd}')
     t0 = time.time()
     res = _run_job('finetune', cfg, wd, in_process)

@@ -27,9 +27,14 @@ def fake_training(monkeypatch):
   """Replaces pre-training and fine-tuning by instant fakes that record their configs."""
   calls = {'pretrain': [], 'finetune': []}
 
+  def save_config(config, workdir):  # as the training loop does when a job starts
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f)
+
   def fake_pretrain(config, workdir):
     calls['pretrain'].append(config)
-    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
     return {'loss': 1.0}
 
   def fake_finetune(config, workdir):
@@ -37,7 +42,7 @@ def fake_training(monkeypatch):
     fc = config.finetune
     miou = fc.label_fraction * 0.5 + (0.1 if fc.init_workdir else 0.0) + 0.01 * config.train.seed
     result = {'eval_miou': miou, **{f'eval_iou/{c}': miou for c in MAP_CLASSES}}
-    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
     with open(os.path.join(workdir, 'result.json'), 'w') as f:
       json.dump(result, f)
     return result
@@ -84,6 +89,25 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   # fraction 5%: scratch 0.025 + {0, .01} -> 3.0 %, pre-trained +10 points -> gain +10.00.
   assert '| 5% | 3.00 +- 0.71 (n=2) | 13.00 +- 0.71 (n=2) | +10.00 |' in md
   assert os.path.getsize(out + '.png') > 1000
+
+
+def test_resuming_with_other_settings_names_the_cell_and_flag(tmp_path, fake_training):
+  """A grid resumed with another protocol must not silently reuse the old cells."""
+  from nsmae_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  config = tiny_config(str(tmp_path))
+  res = str(tmp_path / 'res')
+  kw = dict(pretrain_steps=5, finetune_steps=7, log=lambda s: None, in_process=True)
+  le.run_grid(config, res, [1.0], [0], **kw)
+  assert len(fake_training['finetune']) == 2
+  with pytest.raises(ConfigError, match=r"ft_scratch_f1_s0 was run with other settings "
+                                        r"\(--num_train_steps: 7 there, 9 now\)"):
+    le.run_grid(config, res, [1.0], [0], **dict(kw, finetune_steps=9))
+  with pytest.raises(ConfigError, match=r"pretrain was run with other settings "
+                                        r"\(--num_train_steps: 5 there, 6 now\)"):
+    le.run_grid(config, res, [1.0], [0], **dict(kw, pretrain_steps=6))
+  # Settings that cannot change a result (logging cadence) still count as the same run.
+  le.run_grid(config.replace(log_every_steps=3), res, [1.0], [0], **kw)
+  assert len(fake_training['finetune']) == 2 and len(fake_training['pretrain']) == 1
 
 
 def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
