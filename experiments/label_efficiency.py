@@ -135,16 +135,20 @@ def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
       w.writerow({k: (f'{r[k]:.6f}' if isinstance(r[k], float) and k != 'fraction' else r[k])
                   for k in CSV_FIELDS})
   groups: dict[tuple[str, float], list[float]] = {}
+  by_seed: dict[tuple[str, float, int], float] = {}
   for r in rows:
     groups.setdefault((r['init'], r['fraction']), []).append(100 * r['miou'])
+    by_seed[(r['init'], r['fraction'], r['seed'])] = 100 * r['miou']
   fractions = sorted({f for _, f in groups})
   inits = sorted({i for i, _ in groups}, key=lambda i: (i != 'scratch', i))
   lines = [f'# {title}' if title else '# Label efficiency (BEV map segmentation mIoU, %)', '',
            'mIoU in % on the whole val split (BEVFusion metric: per class max IoU over thresholds '
            '0.35..0.65), mean +- sample std over seeds (n = seeds finished); gain = pre-trained '
-           'mean - scratch mean.', '',
-           '| label fraction | ' + ' | '.join(inits) + ' | gain (pre-trained - scratch) |',
-           '|---' * (len(inits) + 2) + '|']
+           'mean - scratch mean; per seed: pre-trained - scratch of the same seed (same labelled '
+           'subset, data order and head init).', '',
+           '| label fraction | ' + ' | '.join(inits) + ' | gain (pre-trained - scratch) | '
+           'gain per seed |',
+           '|---' * (len(inits) + 3) + '|']
   for fr in fractions:
     cells = []
     for init in inits:
@@ -156,7 +160,11 @@ def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
         cells.append('not run')
     s, p = groups.get(('scratch', fr)), groups.get(('pretrained', fr))
     gain = f'{_stats(p)[0] - _stats(s)[0]:+.2f}' if s and p else 'n/a'
-    lines.append(f'| {100 * fr:g}% | ' + ' | '.join(cells) + f' | {gain} |')
+    seeds = sorted({sd for i, f, sd in by_seed if f == fr})
+    paired = ', '.join(f'{by_seed[("pretrained", fr, sd)] - by_seed[("scratch", fr, sd)]:+.2f}'
+                       for sd in seeds if ('pretrained', fr, sd) in by_seed
+                       and ('scratch', fr, sd) in by_seed) or 'n/a'
+    lines.append(f'| {100 * fr:g}% | ' + ' | '.join(cells) + f' | {gain} | {paired} |')
   with open(out_prefix + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
   _plot(groups, out_prefix + '.png', title)

@@ -87,7 +87,7 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   assert len(table) == 8 and set(table[0]) == set(le.CSV_FIELDS)
   md = open(out + '.md').read()
   # fraction 5%: scratch 0.025 + {0, .01} -> 3.0 %, pre-trained +10 points -> gain +10.00.
-  assert '| 5% | 3.00 +- 0.71 (n=2) | 13.00 +- 0.71 (n=2) | +10.00 |' in md
+  assert '| 5% | 3.00 +- 0.71 (n=2) | 13.00 +- 0.71 (n=2) | +10.00 | +10.00, +10.00 |' in md
   assert os.path.getsize(out + '.png') > 1000
 
 
