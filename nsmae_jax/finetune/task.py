@@ -144,9 +144,7 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
 
   def lr_scales(params):
     """The backbone learns at backbone_lr_scale x the head's rate (0 = frozen)."""
-    return {k: jax.tree_util.tree_map(
-        lambda _, s=(fc.backbone_lr_scale if k == 'backbone' else 1.0): s, v)
-            for k, v in params.items()}
+    return {k: fc.backbone_lr_scale if k == 'backbone' else 1.0 for k in params}
 
   return Task(name='bevseg', model=model, init_params=init_params, loss_fn=loss_fn,
               render_images=render_images, eval_summary=eval_summary,

@@ -19,12 +19,13 @@ def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
 
 
 def scale_updates(lr_scales: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """Multiplies each leaf's update by lr_scales(params)'s leaf (a per-leaf learning-rate
-  multiplier; weight decay included, so a 0 leaf stays exactly where it is)."""
+  """Multiplies the updates by lr_scales(params): a prefix tree of per-subtree learning-rate
+  multipliers (weight decay included, so a 0 subtree stays exactly where it is)."""
 
   def update_fn(updates, state, params=None):
     scales = lr_scales(updates if params is None else params)
-    return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+    return jax.tree_util.tree_map(
+        lambda s, sub: jax.tree_util.tree_map(lambda u: u * s, sub), scales, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -33,8 +34,8 @@ def make_optimizer(train: TrainConfig, lr_scales: Callable[[Any], Any] | None = 
                    ) -> optax.GradientTransformation:
   """AdamW (decoupled weight decay on >=2-d weights only) behind optional gradient clipping.
 
-  lr_scales: params -> a tree of the same structure of per-leaf learning-rate multipliers
-  (e.g. a lower rate for a pre-trained backbone); None = 1 everywhere.
+  lr_scales: params -> a prefix tree of learning-rate multipliers (e.g. {'backbone': 0.1,
+  'head': 1.0}); None = 1 everywhere.
   """
   schedule = learning_rate_schedule(train)
 

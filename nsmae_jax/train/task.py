@@ -43,7 +43,7 @@ class Task:
   train_data_kwargs: dict = dataclasses.field(default_factory=dict)
   # which eval metric is the headline in the console line
   headline: str = 'loss'
-  # params -> tree of per-leaf learning-rate multipliers (nsmae_jax.train.optim); None = all 1
+  # params -> prefix tree of learning-rate multipliers (nsmae_jax.train.optim); None = all 1
   lr_scales: Callable[[Params], Any] | None = None
 
 
