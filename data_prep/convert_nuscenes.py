@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from nsmae_jax.data.nuscenes_nsmae import naming
-from nsmae_jax.data.nuscenes_nsmae import record as record_lib
+from data_prep.nuscenes_nsmae import record as record_lib
+from nsmae_jax.data import naming, schema
 
 STATS_FILE = 'conversion_stats.json'
 # Official splits per table version: dataset split name -> nuscenes.utils.splits name.
@@ -132,7 +132,7 @@ class _Stats:
     self.points: list[int] = []
     self.empty_key_frames: list[str] = []
     self.boxes = collections.Counter()
-    self.map_fraction = np.zeros(len(record_lib.MAP_CLASSES))
+    self.map_fraction = np.zeros(len(schema.MAP_CLASSES))
 
   def add(self, split: str, record: dict[str, Any]) -> None:
     s = _record_stats(record)
@@ -156,7 +156,7 @@ class _Stats:
                                                         '(or none: all-False points_mask)'},
         'boxes_per_class': {name: self.boxes.get(name, 0) for name in self.class_names},
         'map_class_coverage': {c: float(f / n)
-                               for c, f in zip(record_lib.MAP_CLASSES, self.map_fraction)},
+                               for c, f in zip(schema.MAP_CLASSES, self.map_fraction)},
     }
 
 
@@ -259,8 +259,8 @@ def _write_shards(data_config, records: str, tokens: dict[str, list[str]],
                   log: Callable[[str], None]) -> dict[str, Any]:
   """Stage 2: TFRecord shards from the records (TFDS' atomic directory rename)."""
   import tensorflow_datasets as tfds
-  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
-  stats = _Stats(record_lib.detection_names())
+  from data_prep.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
+  stats = _Stats(schema.DETECTION_CLASSES)
   builder = builder_lib.Builder(config=builder_lib.builder_config(data_config),
                                 data_dir=data_config.data_dir, record_dir=records,
                                 splits=tokens, on_example=stats.add)

@@ -64,22 +64,21 @@ def memory_bandwidth_gbps() -> float:
 def bench_train_step(config, steps: int) -> dict:
   """Times a jitted forward/backward + AdamW update of one per-device batch."""
   import jax, jax.numpy as jnp, optax  # pylint: disable=import-outside-toplevel,multiple-imports
-  from nsmae_jax import losses, models  # pylint: disable=import-outside-toplevel
+  from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data.fake import fake_batch  # pylint: disable=import-outside-toplevel
-  model = models.build_pretrain_model(config)
+  task = pretrain.pretrain_task(config)
+  model = task.model
   bs = config.train.per_device_batch_size
   batch = jax.tree.map(jnp.asarray, fake_batch(config, bs))
   t = time.perf_counter()
-  params = jax.jit(lambda b: model.init({'params': jax.random.key(0), 'mask': jax.random.key(1),
-                                         'rays': jax.random.key(2)}, b, train=True))(batch)
-  params = params['params']
+  params = jax.jit(task.init_params)(jax.random.key(0), batch)
   init_s = time.perf_counter() - t
   tx = optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay)
   opt_state = tx.init(params)
 
   def step(params, opt_state, batch, rng):
     (loss, _), grads = jax.value_and_grad(
-        lambda p: losses.pretrain_loss(model, p, batch, rng), has_aux=True)(params)
+        lambda p: pretrain.pretrain_loss(model, p, batch, rng), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -108,8 +107,8 @@ def bench_renderer(config, ray_counts) -> dict:
   """Forward rendering of R perspective-like rays through a fixed fused volume."""
   import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nsmae_jax import models  # pylint: disable=import-outside-toplevel
-  model = models.build_pretrain_model(config)
+  from nsmae_jax import models, pretrain  # pylint: disable=import-outside-toplevel
+  model = pretrain.build_pretrain_model(config)
   size = models.resolve_size(config)
   shape = config.volume_shape + (size.volume_channels,)
   volume = jax.random.normal(jax.random.key(0), (1,) + shape)
@@ -121,12 +120,13 @@ def bench_renderer(config, ray_counts) -> dict:
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
     origins = jnp.zeros((1, r, 3))
     dirs = jnp.asarray(dirs, jnp.float32)
+    near = jnp.full((1, r), 0.5)
     if field_params is None:
       field_params = jax.jit(lambda: model.init(
-          jax.random.key(0), volume, origins, dirs, 0.5, jax.random.key(1),
+          jax.random.key(0), volume, origins, dirs, near, jax.random.key(1),
           method=model.render))()['params']
-    fn = jax.jit(lambda p, v, o, d, k: model.apply({'params': p}, v, o, d, 0.5, k,
-                                                   method=model.render)['color'])
+    fn = jax.jit(lambda p, v, o, d, k, n=near: model.apply({'params': p}, v, o, d, n, k,
+                                                           method=model.render)['color'])
     out[r] = _timed(fn, field_params, volume, origins, dirs, jax.random.key(1))
   return out
 
@@ -165,7 +165,8 @@ def bench_lidar(config, point_counts) -> dict:
 
 def bench_pipeline(config, batches: int) -> float | None:
   """Examples/s from the tf.data pipeline, or None when the dataset is not converted."""
-  from nsmae_jax.data import pipeline, prepare  # pylint: disable=import-outside-toplevel
+  from data_prep import prepare  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   if not prepare.dataset_exists(config):
     return None
   it = pipeline.make_train_iterator(config)
@@ -181,18 +182,16 @@ def param_counts(config) -> dict:
   """Parameters of every named size at this config's geometry (abstract init, no compute)."""
   import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from nsmae_jax import models  # pylint: disable=import-outside-toplevel
+  from nsmae_jax import models, pretrain  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data.fake import fake_batch  # pylint: disable=import-outside-toplevel
   out = {}
   for name in models.MODEL_SIZES:
     cfg = config.replace(model_size=name, vit_width=0, vit_depth=0, vit_heads=0,
                          pillar_features=0, bev_channels=0, volume_channels=0)
-    model = models.build_pretrain_model(cfg)
+    init = pretrain.pretrain_task(cfg).init_params
     batch = jax.tree.map(jnp.asarray, fake_batch(cfg, 1))
-    shapes = jax.eval_shape(lambda m=model, b=batch: m.init(
-        {'params': jax.random.key(0), 'mask': jax.random.key(1), 'rays': jax.random.key(2)},
-        b, train=True))['params']
-    groups = models.param_groups(shapes)
+    shapes = jax.eval_shape(init, jax.random.key(0), batch)
+    groups = pretrain.param_groups(shapes)
     out[name] = {g: int(sum(np.prod(s.shape) for s in jax.tree.leaves(t)))
                  for g, t in groups.items()}
     out[name]['total'] = sum(out[name].values())

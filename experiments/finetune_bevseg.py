@@ -15,6 +15,7 @@ BEVFusion's per-class IoU (max over thresholds 0.35..0.65) and the mIoU, and wri
 import json
 import os
 
+from experiments import data
 from experiments import flags as nsflags
 from nsmae_jax import train
 from nsmae_jax.finetune import bevseg_task, format_table
@@ -36,6 +37,7 @@ def finetune(config, workdir):
 def main(argv):
   del argv
   config = nsflags.config_from_flags()
+  data.ensure_data(config)
   finetune(config, config.train.workdir)
 
 

@@ -96,7 +96,7 @@ def train_frames(config, fraction: float) -> int | str:
   """Labelled training key frames at `fraction` (the pipeline keeps max(1, round(f N)));
   '' when the converted dataset is not there."""
   # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.nuscenes_nsmae.shards import ShardIndex
+  from nsmae_jax.data.shards import ShardIndex
   from nsmae_jax.data.pipeline import open_split
   try:
     total = len(ShardIndex(open_split(config, 'train')[1]))
@@ -238,8 +238,9 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
   if in_process:
     from experiments import finetune_bevseg
     from nsmae_jax import train
+    from nsmae_jax.pretrain import pretrain_task
     if kind == 'pretrain':
-      return train.train_and_evaluate(config, workdir)
+      return train.train_and_evaluate(config, workdir, pretrain_task(config))
     return finetune_bevseg.finetune(config, workdir)
   import subprocess
   import sys

@@ -4,18 +4,20 @@ r"""NS-MAE pre-training.
 
 On the demo flags a missing dataset is generated (synthetic nuScenes-format world) and converted
 first. An existing workdir resumes from its latest checkpoint. All logic lives in
-nsmae_jax.train.train_and_evaluate (importable from notebooks).
+nsmae_jax.train.train_and_evaluate with nsmae_jax.pretrain's task (importable from notebooks).
 """
 
+from experiments import data
 from experiments import flags as nsflags
 from nsmae_jax import train
-
+from nsmae_jax.pretrain import pretrain_task
 
 
 def main(argv):
   del argv
   config = nsflags.config_from_flags()
-  train.train_and_evaluate(config, config.train.workdir)
+  data.ensure_data(config)
+  train.train_and_evaluate(config, config.train.workdir, pretrain_task(config))
 
 
 if __name__ == '__main__':

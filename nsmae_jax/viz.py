@@ -25,8 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 # The record's camera order and map classes (no TensorFlow or devkit import).
-from nsmae_jax.data.nuscenes_nsmae.record import CAMERAS, MAP_CLASSES
-from nsmae_jax.render.rays import in_image, project_points
+from nsmae_jax.data.schema import CAMERAS, MAP_CLASSES
+from nsmae_jax.geometry import in_image, project_points
 
 # Camera index (nuScenes order) at each cell of the 2 x 3 display grid.
 CAMERA_GRID = ((2, 0, 1), (4, 3, 5))
@@ -182,7 +182,7 @@ def _masked_depth(depth: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
 def rendered_vs_target_figure(views: Mapping[str, np.ndarray], half_extent: float) -> Figure:
   """Rendered vs target colour and depth, perspective view (top row) and BEV view (bottom row).
 
-  views: the dict of nsmae_jax.losses.render_views: perspective_color / _target [H, W, 3],
+  views: the dict of nsmae_jax.pretrain.render_views: perspective_color / _target [H, W, 3],
   perspective_depth / _target [H, W] (m along the ray; target 0 = no LiDAR return),
   bev_color / _target [X, Y, 3], bev_depth / _target [X, Y] (m below the volume top; target 0 =
   empty cell), BEV grids in the LiDAR frame. Target depth is drawn only where it exists; each

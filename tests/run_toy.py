@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from toy_task import toy_task  # noqa: E402
 
 from nsmae_jax.data.fake import FakeIterator  # noqa: E402

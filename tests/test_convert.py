@@ -10,9 +10,9 @@ import functools
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from nsmae_jax.data.nuscenes_nsmae import naming
-from nsmae_jax.data.nuscenes_nsmae import record as record_lib
+from helpers import tiny_config
+from data_prep.nuscenes_nsmae import record as record_lib
+from nsmae_jax.data import naming, schema
 
 NUM_CHECKED = 3  # key frames checked per test (the world has 12)
 
@@ -73,7 +73,7 @@ def _projection_errors(nusc, rec, cam2lidar_of, monkeypatch) -> list[float]:
   key_points = rec['points'][rec['points'][:, 4] == 0][:, :3].astype(np.float64)
   h, w = rec['images'].shape[1:3]
   errors = []
-  for k, cam in enumerate(record_lib.CAMERAS):
+  for k, cam in enumerate(schema.CAMERAS):
     cam_token = sample['data'][cam]
     sd = nusc.get('sample_data', cam_token)
     sx, sy = w / sd['width'], h / sd['height']
@@ -191,7 +191,7 @@ def test_bev_map_lines_up_with_lidar(records):
 def test_boxes_equal_get_sample_data(records, synthetic_dataroot):
   from nuscenes.eval.detection.utils import category_to_detection_name
   nusc = _nusc(synthetic_dataroot)
-  names = record_lib.detection_names()
+  names = schema.DETECTION_CLASSES
   for token in _checked(records):
     rec = records[token]
     lidar_token = nusc.get('sample', token)['data']['LIDAR_TOP']

@@ -12,9 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from nsmae_jax.data.nuscenes_nsmae import naming
-from nsmae_jax.data.nuscenes_nsmae import record as record_lib
+from helpers import tiny_config
+from nsmae_jax.data import naming
+from data_prep.nuscenes_nsmae import record as record_lib
 
 
 @pytest.fixture

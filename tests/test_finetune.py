@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from nsmae_jax.data.fake import FakeIterator, fake_batch
 from nsmae_jax.finetune import bevseg_task, init_from_pretrained, seg_loss
 from nsmae_jax.finetune.task import _leaves
@@ -131,7 +131,7 @@ def test_negative_backbone_lr_scale_names_the_flag():
     tiny_config().replace(backbone_lr_scale=-0.1).validate()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_finetune_loop_end_to_end(tmp_path):
   from nsmae_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from experiments import label_efficiency as le
 from nsmae_jax.finetune.metrics import MAP_CLASSES
 

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 from nuscenes.utils.geometry_utils import view_points
 
-from conftest import tiny_config
+from helpers import tiny_config
 from nsmae_jax.data.fake import fake_batch
-from nsmae_jax.models.lifting import lift_features, voxel_centers
+from nsmae_jax.geometry import grid_centers as voxel_centers
+from nsmae_jax.models.lifting import lift_features
 
 
 def _devkit_uv(point: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray):
@@ -29,7 +30,7 @@ def test_feature_at_the_devkit_pixel_is_what_the_voxel_receives():
   # The voxels each camera sees, by the devkit's projection (depth > 0.1, inside the image).
   def sees(cam, p):
     uv, depth = _devkit_uv(p, intr[cam], c2l[cam])
-    return depth > 0.1 and 0 <= uv[0] < w and 0 <= uv[1] < h
+    return depth > 0.1 and -0.5 <= uv[0] < w - 0.5 and -0.5 <= uv[1] < h - 0.5
   flat = centres.reshape(-1, 3)
   rng = np.random.default_rng(0)
   checked = 0
@@ -39,7 +40,7 @@ def test_feature_at_the_devkit_pixel_is_what_the_voxel_receives():
       continue
     cam = cams[0]
     uv, _ = _devkit_uv(flat[idx], intr[cam], c2l[cam])
-    r, c = int(np.floor(uv[1])), int(np.floor(uv[0]))
+    r, c = int(np.floor(uv[1] + 0.5)), int(np.floor(uv[0] + 0.5))  # pixel centres at integers
     value = rng.normal(size=4).astype(np.float32)
     fm = np.zeros((6, h, w, 4), np.float32)
     # A constant 3x3 block around the pixel: bilinear sampling anywhere inside the pixel
@@ -75,7 +76,9 @@ def test_voxels_average_over_the_cameras_that_see_them_and_unseen_are_zero():
     lidar2cam = np.linalg.inv(batch['cam2lidar'][0, k].astype(np.float64))
     p = centres @ lidar2cam[:3, :3].T + lidar2cam[:3, 3]
     uv = view_points(p.T, batch['intrinsics'][0, k].astype(np.float64), normalize=True)[:2].T
-    vis = (p[:, 2] > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+    # The image plane spans [-1/2, W - 1/2) x [-1/2, H - 1/2) (pixel centres at integers).
+    vis = ((p[:, 2] > 0.1) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5)
+           & (uv[:, 1] < h - 0.5))
     expected += vis * (k + 1)
     count += vis
   expected = np.where(count > 0, expected / np.maximum(count, 1), 0.0)

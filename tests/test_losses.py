@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import tiny_config
-from nsmae_jax import losses, targets
+from helpers import tiny_config
+from nsmae_jax.pretrain import losses, targets
 from nsmae_jax.data.fake import fake_batch
 
 
@@ -59,17 +59,6 @@ def test_view_terms_mask_and_zero_weights_switch_terms_off():
   np.testing.assert_allclose(terms['depth_abs_rel'], 0.5)
 
 
-class _StubModel:
-  """Returns fixed rendered outputs: the loss arithmetic without compiling a network."""
-
-  def __init__(self, config, out):
-    self.config, self._out = config, out
-
-  def apply(self, variables, batch, train, rngs):
-    del variables, batch, train, rngs
-    return self._out
-
-
 def test_loss_weights_select_and_scale_the_terms():
   view = lambda c, d: dict(color=jnp.full((1, 2, 3), c), color_target=jnp.zeros((1, 2, 3)),
                            color_valid=jnp.ones((1, 2), bool), depth=jnp.full((1, 2), d),
@@ -78,16 +67,14 @@ def test_loss_weights_select_and_scale_the_terms():
   # color losses 0.01, 0.04; depth losses 2, 4.
   config = tiny_config(perspective_color_weight=0.0, perspective_depth_weight=0.5,
                        bev_color_weight=2.0, bev_depth_weight=0.0)
-  loss, aux = losses.pretrain_loss(_StubModel(config, out), {}, {}, jax.random.key(0))
+  loss, m = losses.weighted_loss(config, out)
   np.testing.assert_allclose(loss, 0.5 * 2.0 + 2.0 * 0.04, rtol=1e-6)
-  m = aux['metrics']
   np.testing.assert_allclose([m['perspective_color_loss'], m['bev_depth_loss']], [0.01, 4.0],
                              rtol=1e-6)  # switched-off terms are still reported
   np.testing.assert_allclose(m['perspective_psnr'], 20.0, rtol=1e-6)
   np.testing.assert_allclose(m['depth_abs_rel'], 2.0, rtol=1e-6)
   # A view without rays (bev_rays=0) contributes nothing and reports zeros.
   config = tiny_config(bev_rays=0)
-  loss, aux = losses.pretrain_loss(_StubModel(config, {'perspective': out['perspective']}), {}, {},
-                                   jax.random.key(0))
+  loss, m = losses.weighted_loss(config, {'perspective': out['perspective']})
   np.testing.assert_allclose(loss, 0.01 + 0.1 * 2.0, rtol=1e-6)
-  assert aux['metrics']['bev_color_loss'] == 0
+  assert m['bev_color_loss'] == 0

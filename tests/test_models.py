@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from nsmae_jax import losses, models
+from helpers import tiny_config
+from nsmae_jax import models, pretrain
+from nsmae_jax.pretrain import losses
 from nsmae_jax.config import ConfigError
 from nsmae_jax.data.fake import fake_batch
 
@@ -21,19 +22,18 @@ SMALL = dict(vit_width=32, vit_depth=1, vit_heads=2, pillar_features=16, bev_cha
 @pytest.fixture(scope='module')
 def setup():
   config = tiny_config(**SMALL)
-  model = models.build_pretrain_model(config)
+  task = pretrain.pretrain_task(config)
   batch = jax.tree.map(jnp.asarray, fake_batch(config, 1))
   # Jitted: an eager init dispatches (and compiles) every op on its own, minutes on 2 cores.
-  variables = jax.jit(lambda b: model.init({'params': jax.random.key(0), 'mask': jax.random.key(1),
-                                            'rays': jax.random.key(2)}, b, train=True))(batch)
-  return config, model, batch, variables['params']
+  params = jax.jit(task.init_params)(jax.random.key(0), batch)
+  return config, task.model, batch, params
 
 
 def test_params_tree_has_the_backbone_subtree_and_groups(setup):
   _, _, _, params = setup
   assert set(params) == {'backbone', 'field'}
   assert set(params['backbone']) == {'lidar', 'camera', 'lifting', 'fusion'}
-  groups = models.param_groups(params)
+  groups = pretrain.param_groups(params)
   assert set(groups) == {'lidar', 'camera', 'lifting', 'fusion', 'field'}
 
 
@@ -53,7 +53,7 @@ def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
   for name in ('loss', 'perspective_color_loss', 'perspective_depth_loss', 'bev_color_loss',
                'bev_depth_loss', 'perspective_psnr', 'bev_psnr', 'depth_abs_rel'):
     assert np.isfinite(aux['metrics'][name]), name
-  for name, tree in models.param_groups(grads).items():
+  for name, tree in pretrain.param_groups(grads).items():
     norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
     assert norm > 0 and np.isfinite(norm), name
 
@@ -89,16 +89,14 @@ def test_render_views_shapes_and_targets(setup):
 
 def test_unknown_model_size_names_the_flag():
   with pytest.raises(ConfigError, match='--model_size'):
-    models.build_pretrain_model(tiny_config(model_size='huge'))
+    pretrain.build_pretrain_model(tiny_config(model_size='huge'))
 
 
 @pytest.mark.parametrize('size', sorted(models.MODEL_SIZES))
 def test_named_sizes_build(size):
   config = tiny_config(model_size=size)
-  model = models.build_pretrain_model(config)
+  init = pretrain.pretrain_task(config).init_params
   batch = jax.tree.map(jnp.asarray, fake_batch(config, 1))
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0),
-                                              'mask': jax.random.key(1),
-                                              'rays': jax.random.key(2)}, batch, train=True))
+  shapes = jax.eval_shape(init, jax.random.key(0), batch)
   count = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert count > (1e6 if size == 'demo' else 50e6)

@@ -38,7 +38,7 @@ def test_committed_notebook_has_no_outputs_and_defines_no_functions():
     assert f"'{name}'" in source, name
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_notebook_runs_every_cell_on_cpu_and_saves_each_figure(tmp_path):
   """The whole notebook, tiny preset, 2 emulated devices. Measured on the 2-core dev machine

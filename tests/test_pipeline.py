@@ -11,8 +11,8 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from nsmae_jax.data.nuscenes_nsmae import naming
+from helpers import tiny_config
+from nsmae_jax.data import naming
 
 NUM_TRAIN, NUM_VAL = 11, 5
 
@@ -43,7 +43,7 @@ def _fake_record(config, index: int, rng: np.random.Generator) -> dict:
 
 def build_fake_dataset(config, counts: dict[str, int]) -> None:
   """Writes fake records and builds nuscenes_nsmae from them with the real Builder."""
-  from nsmae_jax.data.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
+  from data_prep.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
   rng = np.random.default_rng(0)
   records = naming.record_dir(config.data.data_dir, config.data)
   tokens, start = {}, 0
@@ -186,7 +186,7 @@ def test_empty_point_cloud_gives_empty_mask(fake_config):
 
 def test_truncated_shard_error_names_it(fake_config, tmp_path):
   import shutil
-  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError
+  from nsmae_jax.data.shards import ShardError
   from nsmae_jax.data.pipeline import make_train_iterator, open_split
   config = fake_config.replace(data_dir=str(tmp_path / 'copy'))
   shutil.copytree(fake_config.data.data_dir, config.data.data_dir)
@@ -200,7 +200,7 @@ def test_truncated_shard_error_names_it(fake_config, tmp_path):
 
 def test_corrupt_shard_error_names_it(fake_config, tmp_path):
   import shutil
-  from nsmae_jax.data.nuscenes_nsmae.shards import ShardError, ShardIndex
+  from nsmae_jax.data.shards import ShardError, ShardIndex
   from nsmae_jax.data.pipeline import make_eval_iterator, open_split
   config = fake_config.replace(data_dir=str(tmp_path / 'copy'))
   shutil.copytree(fake_config.data.data_dir, config.data.data_dir)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
+from helpers import tiny_config
 from nsmae_jax.data import augment
 
 E, R = 4.0, 0.5  # a small BEV grid: 16 x 16 cells

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def test_process_with_open_iterators_exits(converted_data_dir, synthetic_dataroo
   script = textwrap.dedent(f'''
       import sys
       sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-      from conftest import tiny_config
+      from helpers import tiny_config
       from nsmae_jax.data import pipeline
       config = tiny_config(data_dir={config.data.data_dir!r}, dataroot={synthetic_dataroot!r})
       iterators = [pipeline.make_train_iterator(config) for _ in range(3)]

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from conftest import tiny_config
-from nsmae_jax.data import prepare
+from helpers import tiny_config
+from data_prep import prepare
 
 
 def test_existing_dataset_is_reused(converted_data_dir, synthetic_dataroot, monkeypatch):

@@ -9,15 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 
-from nsmae_jax import models
+from nsmae_jax import pretrain
 from nsmae_jax.data.fake import fake_batch
 from nsmae_jax.train import checkpointing, train_and_evaluate
-from nsmae_jax.train.task import pretrain_task
+from nsmae_jax.pretrain import pretrain_task
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pretrain_writes_metrics_images_checkpoints_and_restores_backbone(converted_data_dir,
                                                                          synthetic_dataroot,
@@ -25,7 +25,7 @@ def test_pretrain_writes_metrics_images_checkpoints_and_restores_backbone(conver
   config = tiny_config(str(tmp_path), data_dir=converted_data_dir, dataroot=synthetic_dataroot,
                        num_train_steps=4, eval_every_steps=4, image_every_steps=4,
                        checkpoint_every_steps=2)
-  result = train_and_evaluate(config)
+  result = train_and_evaluate(config, config.train.workdir, pretrain_task(config))
   workdir = config.train.workdir
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
@@ -69,7 +69,7 @@ def _full_config(tmp_path, *extra):
     nsflags.FLAGS.unparse_flags()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_exact_full_config_traces_at_full_size(tmp_path):
   """The exact full.flags model and loss trace (abstractly: no memory) at its real shapes."""
@@ -86,7 +86,7 @@ def test_exact_full_config_traces_at_full_size(tmp_path):
   assert loss.shape == ()
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_full_config_builds_and_takes_one_step_on_cpu(tmp_path):
   """experiments/configs/full.flags (paper setting: base-size encoders, 256x704 images, patch 16)
@@ -106,4 +106,4 @@ def test_full_config_builds_and_takes_one_step_on_cpu(tmp_path):
   loss, aux = jax.jit(lambda p, b: task.loss_fn(p, b, jax.random.PRNGKey(1), True))(params,
                                                                                     batch)
   assert np.isfinite(float(loss))
-  assert set(models.param_groups(params)) >= {'lidar', 'camera', 'lifting', 'fusion', 'field'}
+  assert set(pretrain.param_groups(params)) >= {'lidar', 'camera', 'lifting', 'fusion', 'field'}

@@ -1,13 +1,13 @@
 """Renderer: compositing against a float64 reference and closed forms, sampling, interpolation,
-ray geometry."""
+near/far from the volume box (ray geometry itself: test_geometry.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsmae_jax.render import (bev_rays, box_near_far, camera_rays, composite, project_points,
-                              render_rays, stratified_samples, trilinear_interpolate)
+from nsmae_jax.render import (box_near_far, composite, render_rays, stratified_samples,
+                              trilinear_interpolate)
 
 BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
 
@@ -94,27 +94,9 @@ def test_trilinear_reproduces_a_linear_field():
                              volume[3, 2, 1], rtol=1e-6)
 
 
-def test_camera_ray_passes_through_the_projected_point():
-  yaw = np.deg2rad(30)
-  cam2lidar = np.eye(4, dtype=np.float32)
-  base = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], np.float64)  # x_cam=x, y_cam=-z, z_cam=y
-  rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-  cam2lidar[:3, :3] = rz @ base
-  cam2lidar[:3, 3] = [0.3, 0.5, -0.2]
-  intr = np.array([[70.0, 0, 44], [0, 70.0, 16], [0, 0, 1]], np.float32)
-  point = np.array([-4.0, 12.0, 0.7], np.float32)
-  uv, depth, front = project_points(jnp.asarray(point), intr, cam2lidar)
-  assert bool(front) and float(depth) > 0
-  o, d = camera_rays(uv, intr, cam2lidar)
-  rng_ = np.linalg.norm(point - np.asarray(o))
-  np.testing.assert_allclose(np.asarray(o) + rng_ * np.asarray(d), point, atol=1e-4)
-  np.testing.assert_allclose(np.linalg.norm(d), 1.0, rtol=1e-6)
-
-
-def test_bev_rays_and_box_near_far():
-  o, d = bev_rays(jnp.array([[1.0, 2.0], [40.0, 0.0]]), 3.0)
-  np.testing.assert_allclose(o, [[1, 2, 3], [40, 0, 3]])
-  np.testing.assert_allclose(d, [[0, 0, -1], [0, 0, -1]])
+def test_box_near_far():
+  o = jnp.array([[1.0, 2.0, 3.0], [40.0, 0.0, 3.0]])
+  d = jnp.broadcast_to(jnp.array([0.0, 0.0, -1.0]), o.shape)
   near, far, hit = box_near_far(o, d, *BOX, near=0.0)
   np.testing.assert_allclose(near[0], 0.0, atol=1e-6)
   np.testing.assert_allclose(far[0], 6.0, rtol=1e-6)

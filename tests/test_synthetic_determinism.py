@@ -26,7 +26,7 @@ def _digest(root: str) -> dict:
   return out
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_same_seed_byte_identical_regardless_of_workers(tmp_path):
   a = _digest(generate(str(tmp_path / 'a'), seed=3, workers=1, **SMALL))
   messages = []

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from toy_task import toy_task
 
 from nsmae_jax.data.fake import FakeIterator
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
                        checkpoint_every_steps=2, eval_every_steps=0, image_every_steps=0)
   # The toy loss turns NaN once the warmup (lr 0 at step 1) lets the params move: at step 3.
   with pytest.raises(NonFiniteLossError, match=r'between steps 3 and 4.*\(step 2\) is kept'):
-    train_and_evaluate(config, task=toy_task(nan_after_step=0),
+    train_and_evaluate(config, config.train.workdir, toy_task(nan_after_step=0),
                        train_iterator=FakeIterator(config, 2))
   assert Checkpointer(config.train.workdir).latest_step() == 2  # the bad state was not saved
 

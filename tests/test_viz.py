@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 from nsmae_jax import viz
 from nsmae_jax.data.fake import fake_batch

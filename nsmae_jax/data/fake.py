@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from nsmae_jax.config import Config
+from nsmae_jax.data.schema import NUM_CAMERAS, NUM_MAP_CLASSES
 
-NUM_CAMERAS = 6
-NUM_MAP_CLASSES = 6
 
 
 def _camera_rig(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,8 @@ import tensorflow_datasets as tfds
 
 from nsmae_jax.config import Config
 from nsmae_jax.data import augment as augment_lib
-from nsmae_jax.data.nuscenes_nsmae import naming
-from nsmae_jax.data.nuscenes_nsmae.shards import ShardError, ShardIndex, verify
+from nsmae_jax.data import naming
+from nsmae_jax.data.shards import ShardError, ShardIndex, verify
 
 BATCH_KEYS = ('images', 'intrinsics', 'cam2lidar', 'points', 'points_mask', 'bev_map', 'boxes',
               'boxes_mask', 'box_labels')

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from nsmae_jax.config import Config
+from nsmae_jax.data.schema import NUM_MAP_CLASSES
 from nsmae_jax.models import NSMAEBackbone, compute_dtype
 
-NUM_MAP_CLASSES = 6
 
 
 class BEVSegHead(nn.Module):

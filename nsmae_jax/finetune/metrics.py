@@ -16,8 +16,7 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-MAP_CLASSES = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
-               'divider')
+from nsmae_jax.data.schema import MAP_CLASSES
 # BEVFusion's sweep; rounded so that 0.35 + k * 0.05 does not drift in float.
 THRESHOLDS = tuple(round(0.35 + 0.05 * k, 2) for k in range(7))
 EPS = 1e-7

@@ -1,7 +1,7 @@
 """Geometric lifting: per-camera feature maps -> a voxel volume in the LiDAR frame.
 
 Every voxel centre is projected into every camera with its intrinsics and cam2lidar (the
-devkit's projection, see render/rays.py for the pixel convention), the feature map is sampled
+devkit's projection; nsmae_jax.geometry holds the pixel convention), the feature map is sampled
 bilinearly there, and the samples are averaged over the cameras that see the voxel. Voxels that
 no camera sees get a learned embedding.
 """
@@ -14,38 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nsmae_jax.render.rays import in_image, project_points
-
-
-def voxel_centers(volume_shape: tuple[int, int, int], box_min, box_max) -> jnp.ndarray:
-  """[X, Y, Z, 3] voxel centres, LiDAR frame (m)."""
-  axes = [box_min[a] + (jnp.arange(n) + 0.5) * (box_max[a] - box_min[a]) / n
-          for a, n in enumerate(volume_shape)]
-  return jnp.stack(jnp.meshgrid(*axes, indexing='ij'), axis=-1)
-
-
-def bilinear_sample(feature_map: jnp.ndarray, uv: jnp.ndarray, image_hw: tuple[int, int]
-                    ) -> jnp.ndarray:
-  """Samples a feature map covering the whole image at image pixel coordinates.
-
-  Args:
-    feature_map: [h, w, C], cell (r, c) centred at image ((c + 0.5) W / w, (r + 0.5) H / h).
-    uv: [N, 2] image pixel coordinates (u right, v down); clamped at the border.
-    image_hw: (H, W) of the image the intrinsics describe.
-
-  Returns:
-    [N, C].
-  """
-  h, w, _ = feature_map.shape
-  x = jnp.clip(uv[:, 0] * (w / image_hw[1]) - 0.5, 0.0, w - 1.0)
-  y = jnp.clip(uv[:, 1] * (h / image_hw[0]) - 0.5, 0.0, h - 1.0)
-  x0 = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, max(w - 2, 0))
-  y0 = jnp.clip(jnp.floor(y).astype(jnp.int32), 0, max(h - 2, 0))
-  x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
-  fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-  fm = feature_map
-  return ((1 - fy) * ((1 - fx) * fm[y0, x0] + fx * fm[y0, x1])
-          + fy * ((1 - fx) * fm[y1, x0] + fx * fm[y1, x1]))
+from nsmae_jax.geometry import bilinear_sample, grid_centers, in_image, project_points
 
 
 def lift_features(features: jnp.ndarray, intrinsics: jnp.ndarray, cam2lidar: jnp.ndarray,
@@ -61,7 +30,7 @@ def lift_features(features: jnp.ndarray, intrinsics: jnp.ndarray, cam2lidar: jnp
     volume [X, Y, Z, C] (mean over the cameras that see each voxel, 0 where none) and
     seen [X, Y, Z] (how many cameras see each voxel).
   """
-  centres = voxel_centers(volume_shape, box_min, box_max).reshape(-1, 3)
+  centres = grid_centers(volume_shape, box_min, box_max).reshape(-1, 3)
 
   def one_camera(fm, k, c2l):
     uv, _, front = project_points(centres, k, c2l)

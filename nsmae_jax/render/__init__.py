@@ -1,7 +1,9 @@
 """NeRF-style volume renderer: pure jnp functions over rays (multinerf style).
 
-rays.py        camera geometry, perspective and BEV ray generation, near/far from the volume box
-sampling.py    stratified samples along rays, trilinear interpolation of the fused volume
+Rays themselves (camera and BEV) come from nsmae_jax.geometry.
+
+sampling.py    near/far from the volume box, stratified samples along rays, trilinear
+               interpolation of the fused volume
 field.py       the field MLP (flax) on [volume feature, encoded point, encoded view direction]
 compositing.py alpha compositing -> colour, expected depth, opacity, weights
 render.py      `render_rays`: the above, vmapped over rays
@@ -9,11 +11,8 @@ render.py      `render_rays`: the above, vmapped over rays
 
 from nsmae_jax.render.compositing import composite
 from nsmae_jax.render.field import RadianceField, positional_encoding
-from nsmae_jax.render.rays import (bev_rays, box_near_far, camera_rays, pixel_centers,
-                                   project_points)
 from nsmae_jax.render.render import render_rays
-from nsmae_jax.render.sampling import stratified_samples, trilinear_interpolate
+from nsmae_jax.render.sampling import box_near_far, stratified_samples, trilinear_interpolate
 
-__all__ = ['composite', 'RadianceField', 'positional_encoding', 'bev_rays', 'box_near_far',
-           'camera_rays', 'pixel_centers', 'project_points', 'render_rays', 'stratified_samples',
-           'trilinear_interpolate']
+__all__ = ['composite', 'RadianceField', 'positional_encoding', 'box_near_far', 'render_rays',
+           'stratified_samples', 'trilinear_interpolate']

@@ -65,3 +65,28 @@ def trilinear_interpolate(volume: jnp.ndarray, points: jnp.ndarray, box_min,
         w = (wx * wy * wz)[:, None].astype(volume.dtype)
         out = out + w * flat[ix * sy + iy * sz + iz]
   return out
+
+
+_EPS = 1e-6
+
+
+def box_near_far(origins: jnp.ndarray, dirs: jnp.ndarray, box_min, box_max,
+                 near: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Where rays enter and leave an axis-aligned box (slab test).
+
+  Args:
+    origins, dirs: [..., 3]; box_min, box_max: 3-sequences (m); near: minimum near bound.
+
+  Returns:
+    near [...], far [...], hit [...] bool (the ray spends positive length in the box beyond
+    `near`). For rays that miss, far = near + 1e-3 so downstream sampling stays finite.
+  """
+  lo, hi = jnp.asarray(box_min, origins.dtype), jnp.asarray(box_max, origins.dtype)
+  safe = jnp.where(jnp.abs(dirs) < _EPS, _EPS, dirs)
+  t0, t1 = (lo - origins) / safe, (hi - origins) / safe
+  t_enter = jnp.max(jnp.minimum(t0, t1), axis=-1)
+  t_exit = jnp.min(jnp.maximum(t0, t1), axis=-1)
+  n = jnp.maximum(t_enter, near)
+  hit = t_exit > n + 1e-3
+  f = jnp.where(hit, t_exit, n + 1e-3)
+  return n, f, hit

@@ -1,6 +1,6 @@
 """Training: the pure steps, the pmap loop, orbax checkpoints and metric writers."""
 
 from nsmae_jax.train.loop import NonFiniteLossError, train_and_evaluate
-from nsmae_jax.train.task import Task, pretrain_task
+from nsmae_jax.train.task import Task
 
-__all__ = ['NonFiniteLossError', 'Task', 'pretrain_task', 'train_and_evaluate']
+__all__ = ['NonFiniteLossError', 'Task', 'train_and_evaluate']

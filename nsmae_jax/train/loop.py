@@ -27,7 +27,7 @@ from nsmae_jax.train.checkpointing import Checkpointer
 from nsmae_jax.train.metric_writer import MetricWriter, Progress
 from nsmae_jax.train.optim import learning_rate_schedule, make_optimizer
 from nsmae_jax.train.steps import TrainState, eval_step, train_step
-from nsmae_jax.train.task import Task, pretrain_task
+from nsmae_jax.train.task import Task
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,12 +88,12 @@ def evaluate(task: Task, p_eval, rparams, rng, batches, max_batches: int) -> dic
   return task.eval_summary(sums)
 
 
-def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | None = None,
+def train_and_evaluate(config: Config, workdir: str | None, task: Task,
                        train_iterator: Any = None,
                        eval_batches_fn: Callable[[], Iterable[dict]] | None = None,
                        return_state: bool = False,
                        on_log: Callable[[int, dict], None] | None = None) -> Any:
-  """Trains `task` (default: NS-MAE pre-training) for config.train.num_train_steps.
+  """Trains `task` for config.train.num_train_steps.
 
   Resumes from the latest checkpoint in `workdir` (default config.train.workdir) when there is
   one. Returns the last logged train metrics merged with the last eval metrics (prefixed
@@ -110,14 +110,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None, task: Task | 
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if train_iterator is None:
-    from nsmae_jax.data import pipeline, prepare  # pylint: disable=import-outside-toplevel
-    if is_main:
-      prepare.ensure_dataset(config)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices('nsmae_dataset_ready')
-  task = task or pretrain_task(config)
-  if train_iterator is None:
+    from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     train_iterator = pipeline.make_train_iterator(config, **task.train_data_kwargs)
   if eval_batches_fn is None:
     from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel,reimported

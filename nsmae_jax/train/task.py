@@ -13,7 +13,6 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from nsmae_jax.config import Config
 
 Params = Any
 
@@ -45,24 +44,3 @@ class Task:
   headline: str = 'loss'
   # params -> prefix tree of learning-rate multipliers (nsmae_jax.train.optim); None = all 1
   lr_scales: Callable[[Params], Any] | None = None
-
-
-def pretrain_task(config: Config) -> Task:
-  """NS-MAE pre-training: masked LiDAR + camera encoders rendered into colour and depth."""
-  from nsmae_jax import losses, models  # pylint: disable=import-outside-toplevel
-
-  model = models.build_pretrain_model(config)
-
-  def init_params(rng, batch):
-    k_params, k_mask, k_rays = jax.random.split(rng, 3)
-    return model.init({'params': k_params, 'mask': k_mask, 'rays': k_rays}, batch,
-                      train=True)['params']
-
-  def loss_fn(params, batch, rng, train):
-    return losses.pretrain_loss(model, params, batch, rng, train=train)
-
-  def render_images(params, batch, rng):
-    return losses.render_views(model, params, batch, rng, camera=0)
-
-  return Task(name='pretrain', model=model, init_params=init_params, loss_fn=loss_fn,
-              render_images=render_images)

@@ -9,7 +9,7 @@ import os
 from typing import Callable
 
 from nsmae_jax.config import Config
-from nsmae_jax.data.nuscenes_nsmae import naming
+from nsmae_jax.data import naming
 
 
 def dataset_exists(config: Config) -> bool:

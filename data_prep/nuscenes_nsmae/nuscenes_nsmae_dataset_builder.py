@@ -19,10 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nsmae_jax.data.nuscenes_nsmae.naming import VERSION, config_name, record_path
-
-NUM_CAMERAS = 6
-NUM_MAP_CLASSES = 6
+from nsmae_jax.data.naming import VERSION, config_name, record_path
+from nsmae_jax.data.schema import NUM_CAMERAS, NUM_MAP_CLASSES
 
 
 @dataclasses.dataclass(eq=False)

@@ -24,22 +24,11 @@ from typing import Any
 
 import numpy as np
 
-CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT',
-           'CAM_BACK_RIGHT')
-LIDAR = 'LIDAR_TOP'
-# BEVFusion's map classes; `divider` is the union of the two divider line layers.
-MAP_CLASSES = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area', 'divider')
+from nsmae_jax.data.schema import CAMERAS, DETECTION_CLASSES, LIDAR, MAP_CLASSES
+
 _MAP_LAYERS = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
                'road_divider', 'lane_divider')
-MAP_LOCATIONS = ('singapore-onenorth', 'singapore-hollandvillage', 'singapore-queenstown',
-                 'boston-seaport')
 JPEG_QUALITY = 95
-
-
-def detection_names() -> tuple[str, ...]:
-  """The 10 nuScenes detection classes; a box label is an index into this tuple."""
-  from nuscenes.eval.detection.constants import DETECTION_NAMES
-  return tuple(DETECTION_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +135,10 @@ def boxes_in_lidar(nusc, lidar_token: str, lidar2ego: np.ndarray, ego2global: np
 
   Returns boxes float32 [M, 9] (x, y, z, l, w, h, yaw, vx, vy; yaw of the length axis about
   z from LiDAR x; velocity in m/s rotated into the LiDAR frame, 0 where the devkit gives NaN,
-  i.e. single-annotation instances) and labels int32 [M] (index into detection_names()).
+  i.e. single-annotation instances) and labels int32 [M] (index into DETECTION_CLASSES).
   Annotations whose category is not a detection class are dropped.
   """
   from nuscenes.eval.detection.utils import category_to_detection_name
-  names = detection_names()
   _, boxes, _ = nusc.get_sample_data(lidar_token)
   global2lidar_rot = (ego2global[:3, :3] @ lidar2ego[:3, :3]).T
   rows, labels = [], []
@@ -163,7 +151,7 @@ def boxes_in_lidar(nusc, lidar_token: str, lidar2ego: np.ndarray, ego2global: np
     w, l, h = box.wlh
     rows.append([*box.center, l, w, h, box.orientation.yaw_pitch_roll[0], velocity[0],
                  velocity[1]])
-    labels.append(names.index(name))
+    labels.append(DETECTION_CLASSES.index(name))
   return (np.asarray(rows, np.float32).reshape(-1, 9), np.asarray(labels, np.int32))
 
 

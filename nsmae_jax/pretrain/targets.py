@@ -1,7 +1,9 @@
-"""Rays and their reconstruction targets, drawn inside the jitted step (per example; vmapped).
+"""Rays and their reconstruction targets: the one place where pre-training draws them.
 
-All geometry in the key frame's LiDAR frame. Targets come from the UNMASKED inputs: the images
-as stored and every LiDAR point (the encoders see the masked ones).
+`draw_rays` draws the rays of a training step (inside the jitted step, per example, vmapped);
+`full_view_rays` gives every pixel of one camera and every BEV cell of one example (pictures,
+eval renders). All geometry in the key frame's LiDAR frame. Targets come from the UNMASKED
+inputs: the images as stored and every LiDAR point (the encoders see the masked ones).
 
 Perspective view: rays through the pixels where LiDAR points project (the ray passes exactly
 through the point, depth target = the point's range from the camera centre; colour = bilinear
@@ -16,8 +18,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsmae_jax.models.lifting import bilinear_sample
-from nsmae_jax.render.rays import bev_rays, camera_rays, in_image, project_points
+from nsmae_jax.config import Config
+from nsmae_jax.geometry import (bev_rays, bilinear_sample, camera_rays, grid_centers, in_image,
+                                pixel_centers, pixel_index, project_points)
+
+VIEWS = ('perspective', 'bev')
 
 
 def _first_visible_camera(points: jnp.ndarray, intrinsics: jnp.ndarray, cam2lidar: jnp.ndarray,
@@ -67,7 +72,7 @@ def perspective_targets(key: jax.Array, images, intrinsics, cam2lidar, points, p
 
   cam_r = jax.random.randint(k_cam, (num_random,), 0, images.shape[0])
   pix = jax.random.randint(k_pix, (num_random, 2), 0, jnp.array([hw[1], hw[0]]))
-  uv_r = pix + 0.5
+  uv_r = pix.astype(jnp.float32)  # pixel centres are at integer (u, v)
   o_r, d_r = camera_rays(uv_r, intrinsics[cam_r], cam2lidar[cam_r])
   color_r = images[cam_r, pix[:, 1], pix[:, 0]]
   cat = lambda a, b: jnp.concatenate([a, b], axis=0)
@@ -101,9 +106,7 @@ def bev_cell_targets(images, intrinsics, cam2lidar, points, points_mask,
   top_xyz = xyz[jnp.maximum(top, 0)]
   cam, seen, uv = _first_visible_camera(top_xyz, intrinsics, cam2lidar, images.shape[1:3])
   color = _colors_at(images, cam, uv)
-  i, j = jnp.meshgrid(jnp.arange(nx), jnp.arange(ny), indexing='ij')
-  centres = jnp.stack([box_min[0] + (i.reshape(-1) + 0.5) * cell[0],
-                       box_min[1] + (j.reshape(-1) + 0.5) * cell[1]], axis=-1)
+  centres = grid_centers(grid, box_min[:2], box_max[:2]).reshape(-1, 2)
   origins, dirs = bev_rays(centres, box_max[2])
   return dict(origins=origins, dirs=dirs, color=jnp.where(occupied[:, None], color, 0.0),
               depth=jnp.where(occupied, box_max[2] - top_xyz[:, 2], 0.0),
@@ -125,8 +128,69 @@ def lidar_depth_image(points, points_mask, intrinsics, cam2lidar, image_hw) -> j
   h, w = image_hw
   uv, _, front = project_points(points[:, :3], intrinsics, cam2lidar)
   ok = front & in_image(uv, h, w) & points_mask.astype(bool)
-  pix = jnp.floor(uv).astype(jnp.int32)
-  ids = jnp.where(ok, jnp.clip(pix[:, 1], 0, h - 1) * w + jnp.clip(pix[:, 0], 0, w - 1), h * w)
+  rc = pixel_index(uv, h, w)
+  ids = jnp.where(ok, rc[:, 0] * w + rc[:, 1], h * w)
   rng = jnp.where(ok, jnp.linalg.norm(points[:, :3] - cam2lidar[:3, 3], axis=-1), jnp.inf)
   depth = jax.ops.segment_min(rng, ids, h * w + 1)[:h * w]
   return jnp.where(jnp.isfinite(depth), depth, 0.0).reshape(h, w)
+
+
+def _example_args(batch: dict) -> tuple[jnp.ndarray, ...]:
+  return (batch['images'].astype(jnp.float32), batch['intrinsics'].astype(jnp.float32),
+          batch['cam2lidar'].astype(jnp.float32), batch['points'].astype(jnp.float32),
+          batch['points_mask'])
+
+
+def draw_rays(config: Config, key: jax.Array, batch: dict) -> dict[str, dict]:
+  """The rays of one training step and their targets, for a batch [B, ...].
+
+  Returns {view: dict(origins, dirs [B, R, 3], near [B, R], color [B, R, 3], depth [B, R],
+  color_valid, depth_valid [B, R] bool)} for the views the config draws rays of
+  (render.perspective_rays, render.bev_rays; 0 = none).
+  """
+  c = config
+  box_min, box_max = c.volume_bounds
+  b = batch['points'].shape[0]
+  args = _example_args(batch)
+  k_p, k_b = jax.random.split(key)
+  views = {}
+  n_p = c.render.perspective_rays
+  if n_p:
+    n_lidar = n_p // 2
+    tg = jax.vmap(lambda k, *a: perspective_targets(k, *a, n_lidar, n_p - n_lidar, box_min,
+                                                    box_max))(jax.random.split(k_p, b), *args)
+    views['perspective'] = dict(tg, near=jnp.full(tg['depth'].shape, c.render.near))
+  if c.render.bev_rays:
+    grid = c.volume_shape[:2]
+    num = min(c.render.bev_rays, grid[0] * grid[1])
+    tg = jax.vmap(lambda k, *a: bev_targets(k, *a, num, grid, box_min, box_max))(
+        jax.random.split(k_b, b), *args)
+    views['bev'] = dict(tg, near=jnp.zeros(tg['depth'].shape))
+  return views
+
+
+def full_view_rays(config: Config, example: dict, camera: int) -> tuple[dict, dict]:
+  """Every pixel of `camera` then every BEV cell of one example (arrays without the batch axis).
+
+  Returns (rays, targets): rays = dict(origins, dirs [H*W + X*Y, 3], near [H*W + X*Y]);
+  targets = perspective_color_target [H, W, 3], perspective_depth_target [H, W] (nearest LiDAR
+  range in the pixel, 0 = none), bev_color_target [X, Y, 3] (0 = none), bev_depth_target
+  [X, Y] (from the volume top, 0 = empty), with [X, Y] the fused volume's x-y grid.
+  """
+  c = config
+  h, w = c.data.image_height, c.data.image_width
+  grid = c.volume_shape[:2]
+  box_min, box_max = c.volume_bounds
+  images, intr, c2l, pts, pmask = _example_args(example)
+  o, d = camera_rays(pixel_centers(h, w).reshape(-1, 2), intr[camera], c2l[camera])
+  cells = bev_cell_targets(images, intr, c2l, pts, pmask, grid, box_min, box_max)
+  near = jnp.concatenate([jnp.full((h * w,), c.render.near), jnp.zeros((grid[0] * grid[1],))])
+  tg = dict(perspective_color_target=images[camera],
+            perspective_depth_target=lidar_depth_image(pts, pmask, intr[camera], c2l[camera],
+                                                       (h, w)),
+            bev_color_target=jnp.where(cells['color_valid'][:, None], cells['color'],
+                                       0.0).reshape(grid + (3,)),
+            bev_depth_target=cells['depth'].reshape(grid))
+  rays = dict(origins=jnp.concatenate([o, cells['origins']]),
+              dirs=jnp.concatenate([d, cells['dirs']]), near=near)
+  return rays, tg

@@ -13,21 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsmae_jax import targets
 from nsmae_jax.config import Config
-from nsmae_jax.render.rays import camera_rays, pixel_centers
-
-VIEWS = ('perspective', 'bev')
+from nsmae_jax.pretrain import targets
+from nsmae_jax.pretrain.targets import VIEWS
 
 
 def _masked_mean(x: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
   valid = valid.astype(x.dtype)
   return jnp.sum(x * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-
-
-def _rngs(rng: jax.Array) -> dict[str, jax.Array]:
-  k_mask, k_rays = jax.random.split(rng)
-  return {'mask': k_mask, 'rays': k_rays}
 
 
 def view_terms(out: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
@@ -43,33 +36,17 @@ def view_terms(out: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
   return dict(color_loss=color, depth_loss=depth, psnr=psnr, depth_abs_rel=rel)
 
 
-def pretrain_loss(model, params: Any, batch: dict, rng: jax.Array,
-                  train: bool = True) -> tuple[jnp.ndarray, dict]:
-  """The weighted NS-MAE loss of one per-device batch.
-
-  Args:
-    model: an NSMAE (models.build_pretrain_model(config)).
-    params: its params ({'backbone', 'field'}).
-    batch: the batch contract, leading [B].
-    rng: a PRNGKey already folded with step/device; split here into 'mask' and 'rays'.
-    train: masking + stratified jitter; False = unmasked inputs, bin-centre samples (eval).
-
-  Returns:
-    loss [] and aux = {'metrics': {loss, <view>_color_loss, <view>_depth_loss, <view>_psnr,
-    depth_abs_rel (perspective, LiDAR rays), bev_depth_abs_rel}}.
-  """
-  cfg: Config = model.config
-  out = model.apply({'params': params}, batch, train=train, rngs=_rngs(rng))
-  weights = {'perspective': (cfg.loss.perspective_color_weight,
-                             cfg.loss.perspective_depth_weight),
-             'bev': (cfg.loss.bev_color_weight, cfg.loss.bev_depth_weight)}
+def weighted_loss(config: Config, out: dict[str, dict]) -> tuple[jnp.ndarray, dict]:
+  """{view: rendered outputs + targets [B, R, ...]} -> (loss [], metrics), see pretrain_loss."""
+  weights = {'perspective': (config.loss.perspective_color_weight,
+                             config.loss.perspective_depth_weight),
+             'bev': (config.loss.bev_color_weight, config.loss.bev_depth_weight)}
   loss = jnp.zeros((), jnp.float32)
   metrics = {}
   for view in VIEWS:
     if view not in out:  # the config draws no rays of this view
-      for name in ('color_loss', 'depth_loss', 'psnr'):
+      for name in ('color_loss', 'depth_loss', 'psnr', 'depth_abs_rel'):
         metrics[f'{view}_{name}'] = jnp.zeros(())
-      metrics[f'{view}_depth_abs_rel'] = jnp.zeros(())
       continue
     terms = view_terms(out[view])
     w_color, w_depth = weights[view]
@@ -82,36 +59,50 @@ def pretrain_loss(model, params: Any, batch: dict, rng: jax.Array,
       metrics[f'{view}_{name}'] = value
   metrics['depth_abs_rel'] = metrics.pop('perspective_depth_abs_rel')
   metrics['loss'] = loss
+  return loss, metrics
+
+
+def pretrain_loss(model, params: Any, batch: dict, rng: jax.Array,
+                  train: bool = True) -> tuple[jnp.ndarray, dict]:
+  """The weighted NS-MAE loss of one per-device batch.
+
+  Args:
+    model: an NSMAE (pretrain.build_pretrain_model(config)).
+    params: its params ({'backbone', 'field'}).
+    batch: the batch contract, leading [B].
+    rng: a PRNGKey already folded with step/device; split here into masks, rays and jitter.
+    train: masking + stratified jitter; False = unmasked inputs, bin-centre samples (eval).
+
+  Returns:
+    loss [] and aux = {'metrics': {loss, <view>_color_loss, <view>_depth_loss, <view>_psnr,
+    depth_abs_rel (perspective, LiDAR rays), bev_depth_abs_rel}}.
+  """
+  cfg: Config = model.config
+  k_mask, k_rays, k_render = jax.random.split(rng, 3)
+  rays = targets.draw_rays(cfg, k_rays, batch)
+  _, rendered = model.apply({'params': params}, batch, rays, train=train,
+                            rngs={'mask': k_mask, 'render': k_render})
+  out = {}
+  for view, r in rendered.items():
+    tg = rays[view]
+    out[view] = dict(color=r['color'], depth=r['depth'], opacity=r['opacity'],
+                     color_target=tg['color'], depth_target=tg['depth'],
+                     color_valid=tg['color_valid'] & r['hit'],
+                     depth_valid=tg['depth_valid'] & r['hit'])
+  loss, metrics = weighted_loss(cfg, out)
   return loss, {'metrics': metrics}
 
 
 @functools.lru_cache(maxsize=4)
 def _view_fns(model, camera: int):
   """Jitted pieces of render_views, cached per (model, camera); a model is a frozen config."""
-  cfg: Config = model.config
-  h, w = cfg.data.image_height, cfg.data.image_width
-  grid = cfg.volume_shape[:2]
-  box_min, box_max = cfg.volume_bounds
 
   @jax.jit
   def prepare(params, ex):
     """-> volume [1, X, Y, Z, C], all rays (perspective then BEV) and the targets."""
-    volume = model.apply({'params': params}, ex, train=False, mask=False,
-                         method=model.encode)['volume']
-    images, intr = ex['images'][0].astype(jnp.float32), ex['intrinsics'][0].astype(jnp.float32)
-    c2l = ex['cam2lidar'][0].astype(jnp.float32)
-    pts, pmask = ex['points'][0].astype(jnp.float32), ex['points_mask'][0]
-    o, d = camera_rays(pixel_centers(h, w).reshape(-1, 2), intr[camera], c2l[camera])
-    cells = targets.bev_cell_targets(images, intr, c2l, pts, pmask, grid, box_min, box_max)
-    near = jnp.concatenate([jnp.full((h * w,), cfg.render.near), jnp.zeros((grid[0] * grid[1],))])
-    tg = dict(perspective_color_target=images[camera],
-              perspective_depth_target=targets.lidar_depth_image(pts, pmask, intr[camera],
-                                                                 c2l[camera], (h, w)),
-              bev_color_target=jnp.where(cells['color_valid'][:, None], cells['color'],
-                                         0.0).reshape(grid + (3,)),
-              bev_depth_target=cells['depth'].reshape(grid))
-    return (volume, jnp.concatenate([o, cells['origins']]), jnp.concatenate([d, cells['dirs']]),
-            near, tg)
+    volume = model.apply({'params': params}, ex, mask=False, method=model.encode)['volume']
+    rays, tg = targets.full_view_rays(model.config, {k: v[0] for k, v in ex.items()}, camera)
+    return volume, rays, tg
 
   @jax.jit
   def render(params, volume, origins, dirs, near):
@@ -126,18 +117,17 @@ def render_views(model, params: Any, batch: dict, rng: jax.Array | None = None,
                  camera: int = 0, max_rays_per_chunk: int = 4096) -> dict[str, np.ndarray]:
   """Renders example 0 fully with unmasked inputs and deterministic samples.
 
-  Returns numpy arrays: perspective_color [H, W, 3], perspective_color_target [H, W, 3],
-  perspective_depth [H, W] (range along the ray, m), perspective_depth_target [H, W] (nearest
-  LiDAR range in the pixel, 0 where none), bev_color [X, Y, 3], bev_color_target [X, Y, 3]
-  (0 where no coloured return), bev_depth [X, Y] (from the volume top, m), bev_depth_target
-  [X, Y] (0 where empty), with [X, Y] the fused volume's x-y grid (LiDAR frame).
+  Returns numpy arrays: perspective_color [H, W, 3], perspective_depth [H, W] (range along the
+  ray, m), bev_color [X, Y, 3], bev_depth [X, Y] (from the volume top, m), and the targets of
+  targets.full_view_rays, with [X, Y] the fused volume's x-y grid (LiDAR frame).
   """
   del rng  # eval rendering is deterministic
   cfg: Config = model.config
   ex = {k: jnp.asarray(np.asarray(batch[k])[:1])
         for k in ('images', 'intrinsics', 'cam2lidar', 'points', 'points_mask')}
   prepare, render = _view_fns(model, camera)
-  volume, origins, dirs, near, tg = prepare(params, ex)
+  volume, rays, tg = prepare(params, ex)
+  origins, dirs, near = rays['origins'], rays['dirs'], rays['near']
   n = origins.shape[0]
   chunk = min(max_rays_per_chunk, n)
   pad = (-n) % chunk

@@ -1,0 +1,25 @@
+"""Test helpers shared by the test modules (imported as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import os
+
+from nsmae_jax.config import Config
+
+# The tiny world every data test shares (3 scenes: 2 train + 1 val).
+WORLD = dict(num_scenes=3, val_scenes=1, frames_per_scene=4, sweeps_per_frame=2,
+             image_width=400, image_height=225, seed=0)
+
+
+def tiny_config(tmp_dir: str = '', **overrides) -> Config:
+  """The CPU test configuration (small images, few points, few rays)."""
+  base = dict(image_height=32, image_width=88, patch_size=8, max_points=4096, max_boxes=32,
+              bev_half_extent=32.0, bev_resolution=0.5, pillar_size=1.0, volume_stride=2,
+              volume_z_cells=4, num_samples=16, perspective_rays=128, bev_rays=64,
+              field_width=32, num_train_steps=4, per_device_batch_size=1, warmup_steps=1,
+              log_every_steps=1, checkpoint_every_steps=2, eval_every_steps=0,
+              image_every_steps=2, eval_batches=1, num_sweeps=2)
+  if tmp_dir:
+    base['workdir'] = os.path.join(tmp_dir, 'workdir')
+  base.update(overrides)
+  return Config().replace(**base)
