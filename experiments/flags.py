@@ -47,7 +47,21 @@ def config_from_flags(**overrides) -> config_lib.Config:
   for _, field in config_lib.all_fields():
     values[field.name] = FLAGS[field.name].value
   values.update(overrides)
-  return config_lib.Config().replace(**values).validate()
+  return check_paths(config_lib.Config().replace(**values).validate())
+
+
+def check_paths(config: config_lib.Config) -> config_lib.Config:
+  """The file-system checks of a config (the config's own checks know no files); returns it."""
+  import os  # pylint: disable=import-outside-toplevel
+  init = config.finetune.init_workdir
+  if init and not os.path.isdir(init):
+    raise config_lib.ConfigError(f'--init_workdir: directory {init!r} does not exist (give a '
+                                 'pre-training workdir, or an empty value for scratch)')
+  d = config.data
+  if not d.synthetic and not os.path.isdir(d.data_dir):
+    raise config_lib.ConfigError(f'--data_dir: directory {d.data_dir!r} does not exist (pass '
+                                 '--synthetic to generate the demo world there)')
+  return config
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
@@ -73,8 +87,7 @@ def flag_names() -> list[str]:
   return [f.name for _, f in config_lib.all_fields()]
 
 
-__all__ = ['FLAGS', 'config_from_flags', 'run', 'flag_names']
-
+__all__ = ['FLAGS', 'check_paths', 'config_from_flags', 'run', 'flag_names']
 
 
 def adopt_into_main() -> None:
