@@ -240,7 +240,7 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
     from nsmae_jax import train
     from nsmae_jax.pretrain import pretrain_task
     if kind == 'pretrain':
-      return train.train_and_evaluate(config, workdir, pretrain_task(config))
+      return train.train_and_evaluate(config, workdir, pretrain_task(config)).metrics
     return finetune_bevseg.finetune(config, workdir)
   import subprocess
   import sys
