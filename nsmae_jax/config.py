@@ -134,6 +134,11 @@ class RenderConfig:
   field_depth: int = _f(2, 'Hidden layers of the field MLP.', check=positive)
   near: float = _f(0.5, 'Near bound of perspective rays (m); far is where a ray leaves the '
                    'volume.')
+  background: str = _f('learned', 'What a ray meets after leaving the volume: learned (a '
+                       'learned colour composited with the remaining transmittance), black, or '
+                       'exclude (black, and perspective rays without an in-volume LiDAR return '
+                       'that leave through the top or sides get no colour loss).',
+                       check=one_of('learned', 'black', 'exclude'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +150,15 @@ class LossConfig:
                                        '(depth in m).', check=non_negative)
   bev_color_weight: float = _f(1.0, 'Weight of the BEV-view L2 colour loss.', check=non_negative)
   bev_depth_weight: float = _f(0.1, 'Weight of the BEV-view L1 depth loss (m).', check=non_negative)
+  masked_loss: str = _f('all', 'Which targets the loss scores: all, masked (only targets whose '
+                        'source was hidden from the encoder: colour at masked image patches, depth '
+                        'of dropped LiDAR blocks), or weighted (masked ones x --masked_weight).',
+                        check=one_of('all', 'masked', 'weighted'))
+  masked_weight: float = _f(3.0, 'Weight of masked targets relative to visible ones when '
+                            '--masked_loss=weighted.', check=non_negative)
+  target_time_lag: float = _f(0.0, 'LiDAR points with time lag <= this (s) give depth/colour '
+                              'targets; 0 = key-frame points only (sweeps of moving objects are '
+                              'displaced).', check=non_negative)
 
 
 @dataclasses.dataclass(frozen=True)
