@@ -4,11 +4,13 @@ r"""The label-efficiency grid: {scratch, pre-trained} x label fractions x seeds 
       --flagfile=experiments/configs/label_efficiency_cpu.flags
 
 Pre-training runs first, once (<results_dir>/pretrain); then every fine-tuning cell
-(<results_dir>/ft_<init>_f<fraction>_s<seed>) with the same number of steps at every fraction.
-A cell whose result.json exists is skipped and an interrupted cell resumes from its checkpoint,
-so re-running the command continues the grid. After every cell the summary is rewritten:
-<out_prefix>.csv (one row per cell), <out_prefix>.md (mean +- std over seeds per fraction, and
-the gain) and <out_prefix>.png (mIoU vs label fraction with the seed spread).
+(<results_dir>/ft_<init>_f<fraction>_s<seed>) with the same number of steps at every fraction,
+each in a fresh process. A cell whose result.json exists is skipped and an interrupted cell
+resumes from its checkpoint, so re-running the command continues the grid; a job directory
+started with other settings is refused (ConfigError naming the flags). After every cell the
+report is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one row per cell),
+<out_prefix>.md (mean +- std over seeds per fraction, and the gain) and <out_prefix>.png (mIoU vs
+label fraction with the seed spread); that module also rewrites it alone from a results dir.
 
 Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
 with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
@@ -16,15 +18,14 @@ with that view / loss / masking switched off and fine-tune at --ablation_fractio
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import time
 
 from absl import flags
 
 from experiments import flags as nsflags
+from experiments import label_efficiency_report as report
 
 FLAGS = flags.FLAGS
 
@@ -64,12 +65,6 @@ ABLATIONS = {
     'no_color': dict(bev_color_weight=0.0, perspective_color_weight=0.0),
     'no_mask': dict(image_mask_ratio=0.0, lidar_mask_ratio=0.0),
 }
-CSV_FIELDS = ['init', 'fraction', 'seed', 'miou', 'drivable_area', 'ped_crossing', 'walkway',
-              'stop_line', 'carpark_area', 'divider', 'train_frames', 'steps', 'wall_s']
-
-
-def cell_name(init: str, fraction: float, seed: int) -> str:
-  return f'ft_{init}_f{fraction:g}_s{seed}'
 
 
 def plan(fractions, seeds, inits=('scratch', 'pretrained'), ablations=(),
@@ -83,116 +78,6 @@ def plan(fractions, seeds, inits=('scratch', 'pretrained'), ablations=(),
 
 def pretrain_dir(results_dir: str, ablation: str = '') -> str:
   return os.path.join(results_dir, 'pretrain' + (f'_{ablation}' if ablation else ''))
-
-
-def _stats(values):
-  n = len(values)
-  mean = sum(values) / n
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-  return mean, std, min(values), max(values)
-
-
-def train_frames(config, fraction: float) -> int | str:
-  """Labelled training key frames at `fraction` (the pipeline keeps max(1, round(f N)));
-  '' when the converted dataset is not there."""
-  # pylint: disable=import-outside-toplevel
-  from nsmae_jax.data.shards import ShardIndex
-  from nsmae_jax.data.pipeline import open_split
-  try:
-    total = len(ShardIndex(open_split(config, 'train')[1]))
-  except FileNotFoundError:
-    return ''
-  return total if fraction >= 1.0 else max(1, int(round(fraction * total)))
-
-
-def collect(results_dir: str, cells, config=None) -> list[dict]:
-  """CSV rows of the finished cells (those with a result.json)."""
-  from nsmae_jax.finetune.metrics import MAP_CLASSES  # pylint: disable=import-outside-toplevel
-  rows = []
-  for init, fraction, seed in cells:
-    path = os.path.join(results_dir, cell_name(init.replace(':', '-'), fraction, seed),
-                        'result.json')
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      r = json.load(f)
-    row = dict(init=init, fraction=fraction, seed=seed, miou=r['eval_miou'],
-               train_frames=r.get('train_frames', '') if config is None else train_frames(
-                   config, fraction), steps=r.get('steps', ''),
-               wall_s=round(r.get('wall_s', 0.0), 1))
-    row.update({c: r[f'eval_iou/{c}'] for c in MAP_CLASSES})
-    rows.append(row)
-  return rows
-
-
-def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
-  """Writes <out_prefix>.csv, .md and .png from the cell rows (partial grids too)."""
-  os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
-  with open(out_prefix + '.csv', 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: (f'{r[k]:.6f}' if isinstance(r[k], float) and k != 'fraction' else r[k])
-                  for k in CSV_FIELDS})
-  groups: dict[tuple[str, float], list[float]] = {}
-  by_seed: dict[tuple[str, float, int], float] = {}
-  for r in rows:
-    groups.setdefault((r['init'], r['fraction']), []).append(100 * r['miou'])
-    by_seed[(r['init'], r['fraction'], r['seed'])] = 100 * r['miou']
-  fractions = sorted({f for _, f in groups})
-  inits = sorted({i for i, _ in groups}, key=lambda i: (i != 'scratch', i))
-  lines = [f'# {title}' if title else '# Label efficiency (BEV map segmentation mIoU, %)', '',
-           'mIoU in % on the whole val split (BEVFusion metric: per class max IoU over thresholds '
-           '0.35..0.65), mean +- sample std over seeds (n = seeds finished); gain = pre-trained '
-           'mean - scratch mean; per seed: pre-trained - scratch of the same seed (same labelled '
-           'subset, data order and head init).', '',
-           '| label fraction | ' + ' | '.join(inits) + ' | gain (pre-trained - scratch) | '
-           'gain per seed |',
-           '|---' * (len(inits) + 3) + '|']
-  for fr in fractions:
-    cells = []
-    for init in inits:
-      v = groups.get((init, fr))
-      if v:
-        mean, std, _, _ = _stats(v)
-        cells.append(f'{mean:.2f} +- {std:.2f} (n={len(v)})')
-      else:
-        cells.append('not run')
-    s, p = groups.get(('scratch', fr)), groups.get(('pretrained', fr))
-    gain = f'{_stats(p)[0] - _stats(s)[0]:+.2f}' if s and p else 'n/a'
-    seeds = sorted({sd for i, f, sd in by_seed if f == fr})
-    paired = ', '.join(f'{by_seed[("pretrained", fr, sd)] - by_seed[("scratch", fr, sd)]:+.2f}'
-                       for sd in seeds if ('pretrained', fr, sd) in by_seed
-                       and ('scratch', fr, sd) in by_seed) or 'n/a'
-    lines.append(f'| {100 * fr:g}% | ' + ' | '.join(cells) + f' | {gain} | {paired} |')
-  with open(out_prefix + '.md', 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  _plot(groups, out_prefix + '.png', title)
-
-
-def _plot(groups, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for init in sorted({i for i, _ in groups}, key=lambda i: (i != 'scratch', i)):
-    frs = sorted(f for i, f in groups if i == init)
-    stats = [_stats(groups[(init, f)]) for f in frs]
-    xs = [100 * f for f in frs]
-    means = [s[0] for s in stats]
-    ax.plot(xs, means, marker='o', label=init)
-    ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2)
-    for f in frs:
-      ax.scatter([100 * f] * len(groups[(init, f)]), groups[(init, f)], s=8, alpha=0.6)
-  ax.set_xscale('log')
-  ax.set_xlabel('label fraction (% of training key frames)')
-  ax.set_ylabel('mIoU (%)')
-  ax.set_title(title or 'BEV map segmentation: mean over seeds, band = min..max')
-  ax.grid(True, alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _enable_compilation_cache(directory: str) -> None:
@@ -283,7 +168,7 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
 
   Each job runs in a fresh Python process unless in_process (tests with fake training).
   """
-  out_prefix = out_prefix or os.path.join(results_dir, 'label_efficiency')
+  out_prefix = out_prefix or report.default_out_prefix(results_dir)
   cells = plan(fractions, seeds, inits, ablations, ablation_fraction)
   for ab in ablations:
     if ab not in ABLATIONS:
@@ -304,7 +189,7 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
       num_train_steps=finetune_steps or config.train.num_train_steps, eval_batches=0,
       learning_rate=finetune_learning_rate or config.train.learning_rate)
   for init, fraction, seed in cells:
-    wd = os.path.join(results_dir, cell_name(init.replace(':', '-'), fraction, seed))
+    wd = os.path.join(results_dir, report.cell_name(init, fraction, seed))
     ablation = init.split(':')[1] if ':' in init else ''
     init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
     cfg = ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
@@ -319,13 +204,15 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
     res['steps'] = cfg.train.num_train_steps
     with open(os.path.join(wd, 'result.json')) as f:
       saved = json.load(f)
-    saved.update(wall_s=res['wall_s'], steps=res['steps'])
+    # Stored with the cell so that the report needs neither the config nor the dataset.
+    saved.update(wall_s=res['wall_s'], steps=res['steps'],
+                 train_frames=report.train_frames(cfg, fraction))
     with open(os.path.join(wd, 'result.json'), 'w') as f:
       json.dump(saved, f, indent=1)
     log(f'   mIoU {100 * res.get("eval_miou", float("nan")):.2f} in {res["wall_s"]:.0f} s')
-    write_summary(collect(results_dir, cells, config), out_prefix)
-  rows = collect(results_dir, cells, config)
-  write_summary(rows, out_prefix)
+    report.write_summary(report.collect(results_dir, cells), out_prefix)
+  rows = report.collect(results_dir, cells)
+  report.write_summary(rows, out_prefix)
   return rows
 
 

@@ -1,17 +1,24 @@
-"""The label-efficiency grid: plan order, resumability (finished cells are skipped), pre-training
-once, and the CSV / markdown / PNG summary."""
+"""The label-efficiency grid runner (plan order, resumability: finished cells are skipped,
+pre-training once) and its report (CSV / markdown / PNG, also rewritten alone from a results
+directory in the format of docs/label_efficiency_cpu.*)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import subprocess
+import sys
+import types
 
 import pytest
 
 from helpers import tiny_config
 from experiments import label_efficiency as le
-from nsmae_jax.finetune.metrics import MAP_CLASSES
+from experiments import label_efficiency_report as report
+from nsmae_jax.data.schema import MAP_CLASSES
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plan_is_seed_major_with_ablations_last():
@@ -32,10 +39,11 @@ def fake_training(monkeypatch):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config.to_dict(), f)
 
-  def fake_pretrain(config, workdir):
+  def fake_pretrain(config, workdir, task):
+    del task  # the pre-training task the runner built
     calls['pretrain'].append(config)
     save_config(config, workdir)
-    return {'loss': 1.0}
+    return types.SimpleNamespace(state=None, metrics={'loss': 1.0})  # train's TrainResult
 
   def fake_finetune(config, workdir):
     calls['finetune'].append(config)
@@ -75,7 +83,7 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   le.run_grid(config, str(tmp_path / 'res'), [0.05, 1.0], [0, 1], **kw)
   assert len(fake_training['pretrain']) == 1 and len(fake_training['finetune']) == 8
   # Removing one result re-runs exactly that cell.
-  os.remove(os.path.join(str(tmp_path / 'res'), le.cell_name('pretrained', 1.0, 1),
+  os.remove(os.path.join(str(tmp_path / 'res'), report.cell_name('pretrained', 1.0, 1),
                          'result.json'))
   le.run_grid(config, str(tmp_path / 'res'), [0.05, 1.0], [0, 1], **kw)
   assert len(fake_training['finetune']) == 9
@@ -84,11 +92,17 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
 
   with open(out + '.csv') as f:
     table = list(csv.DictReader(f))
-  assert len(table) == 8 and set(table[0]) == set(le.CSV_FIELDS)
+  assert len(table) == 8 and list(table[0]) == report.CSV_FIELDS
+  # The runner stores the steps and the labelled-frame count ('' here: no dataset) with the cell.
+  assert [(r['steps'], r['train_frames']) for r in table] == [('7', '')] * 8
   md = open(out + '.md').read()
   # fraction 5%: scratch 0.025 + {0, .01} -> 3.0 %, pre-trained +10 points -> gain +10.00.
   assert '| 5% | 3.00 +- 0.71 (n=2) | 13.00 +- 0.71 (n=2) | +10.00 | +10.00, +10.00 |' in md
   assert os.path.getsize(out + '.png') > 1000
+  # The report alone, from the results directory, rewrites the same CSV and table.
+  report.write_summary(report.collect(str(tmp_path / 'res')), out + '_alone')
+  assert open(out + '_alone.csv').read() == open(out + '.csv').read()
+  assert open(out + '_alone.md').read() == md
 
 
 def test_resuming_with_other_settings_names_the_cell_and_flag(tmp_path, fake_training):
@@ -125,3 +139,97 @@ def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
   with pytest.raises(ValueError, match='--ablations: unknown ablation'):
     le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], ablations=('no_lidar',),
                 log=lambda s: None, in_process=True)
+
+
+def _results_dir_from_csv(csv_path: str, results_dir: str) -> None:
+  """The result.json files that a grid with the rows of `csv_path` leaves in `results_dir`."""
+  with open(csv_path) as f:
+    for r in csv.DictReader(f):
+      wd = os.path.join(results_dir, report.cell_name(r['init'], float(r['fraction']),
+                                                      int(r['seed'])))
+      os.makedirs(wd)
+      result = {'eval_miou': float(r['miou']), 'steps': int(r['steps']),
+                'wall_s': float(r['wall_s']), 'train_frames': int(r['train_frames']),
+                **{f'eval_iou/{c}': float(r[c]) for c in MAP_CLASSES}}
+      with open(os.path.join(wd, 'result.json'), 'w') as g:
+        json.dump(result, g)
+
+
+def test_report_alone_reproduces_the_committed_cpu_report(tmp_path):
+  """The report module on a results dir rewrites docs/label_efficiency_cpu.{csv,md} exactly:
+  same columns (the schema's map classes), same row order (seed-major, scratch first), same
+  number formats and table."""
+  docs = os.path.join(_REPO, 'docs', 'label_efficiency_cpu')
+  res = str(tmp_path / 'res')
+  _results_dir_from_csv(docs + '.csv', res)
+  os.makedirs(os.path.join(res, 'pretrain'))  # not a cell: ignored
+  out = str(tmp_path / 'report')
+  report.write_summary(report.collect(res), out)
+  assert open(out + '.csv').read() == open(docs + '.csv').read()
+  assert open(out + '.md').read() == open(docs + '.md').read()
+
+
+def test_find_cells_orders_like_the_plan_with_ablations_last(tmp_path):
+  cells = le.plan([0.01, 0.1, 1.0], [0, 1], ablations=['no_mask', 'no_bev'],
+                  ablation_fraction=0.05)
+  for cell in reversed(cells):
+    os.makedirs(tmp_path / report.cell_name(*cell))
+  (tmp_path / 'ft_notes.txt').write_text('not a cell')
+  found = report.find_cells(str(tmp_path))
+  # Plan order except that ablations sort by name (the plan keeps the --ablations order).
+  assert found == cells[:12] + sorted(cells[12:])
+  assert ('pretrained:no_bev', 0.05, 1) in found
+  assert report.collect(str(tmp_path)) == []  # no result.json: nothing finished
+
+
+def _row(rows, init, fraction, seed):
+  return next(r for r in rows if (r['init'], r['fraction'], r['seed']) == (init, fraction, seed))
+
+
+def _results_without_frame_counts(tmp_path, data_dir: str) -> str:
+  """The committed CPU grid's results dir whose scratch 5% seed 0 cell has no train_frames in
+  result.json (finished before the runner stored it) and a config.json for `data_dir`."""
+  res = str(tmp_path / 'res')
+  _results_dir_from_csv(os.path.join(_REPO, 'docs', 'label_efficiency_cpu.csv'), res)
+  wd = os.path.join(res, report.cell_name('scratch', 0.05, 0))
+  with open(os.path.join(wd, 'result.json')) as f:
+    result = json.load(f)
+  del result['train_frames']
+  with open(os.path.join(wd, 'result.json'), 'w') as f:
+    json.dump(result, f)
+  config = tiny_config(str(tmp_path), data_dir=data_dir, label_fraction=0.05)
+  with open(os.path.join(wd, 'config.json'), 'w') as f:
+    json.dump(config.to_dict(), f)
+  return res
+
+
+def test_report_without_frame_count_or_dataset_leaves_it_blank(tmp_path):
+  res = _results_without_frame_counts(tmp_path, str(tmp_path / 'no_data'))
+  rows = report.collect(res)
+  assert _row(rows, 'scratch', 0.05, 0)['train_frames'] == ''
+  assert _row(rows, 'pretrained', 0.05, 0)['train_frames'] == 6  # stored: still used
+  os.remove(os.path.join(res, report.cell_name('scratch', 0.05, 0), 'config.json'))
+  assert _row(report.collect(res), 'scratch', 0.05, 0)['train_frames'] == ''
+
+
+def test_report_counts_labelled_frames_with_the_pipelines_formula(tmp_path, converted_data_dir):
+  """Without a stored count the report counts the cell's dataset: the tiny world has 2 train
+  scenes x 4 key frames, and the pipeline keeps max(1, round(f N)) of them."""
+  config = tiny_config(data_dir=converted_data_dir)
+  assert [report.train_frames(config, f) for f in (0.05, 0.3, 0.5, 1.0)] == [1, 2, 4, 8]
+  res = _results_without_frame_counts(tmp_path, converted_data_dir)
+  assert _row(report.collect(res), 'scratch', 0.05, 0)['train_frames'] == 1
+
+
+@pytest.mark.slow
+def test_report_command_line_rewrites_the_report(tmp_path):
+  res = str(tmp_path / 'res')
+  _results_dir_from_csv(os.path.join(_REPO, 'docs', 'label_efficiency_cpu.csv'), res)
+  subprocess.run([sys.executable, '-m', 'experiments.label_efficiency_report',
+                  f'--results_dir={res}'], check=True, cwd=_REPO, capture_output=True)
+  with open(os.path.join(res, 'label_efficiency.csv')) as f:
+    assert sum(1 for _ in f) == 25
+  bad = subprocess.run([sys.executable, '-m', 'experiments.label_efficiency_report',
+                        f'--results_dir={tmp_path / "missing"}'], cwd=_REPO,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and 'does not exist' in bad.stderr
