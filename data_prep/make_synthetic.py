@@ -3,7 +3,10 @@ r"""Writes a synthetic driving world as a nuScenes dataroot.
   python -m data_prep.make_synthetic --out=/tmp/nuscenes_synth --num_scenes=10 --seed=0
 
 The result loads with the official nuscenes-devkit (NuScenes(version, dataroot)); the train/val
-split is `<out>/<version>/splits.json` (devkit custom splits, named 'train' and 'val').
+split is `<out>/<version>/splits.json` (devkit custom splits, named 'train' and 'val'). Scenes
+carry official v1.0-trainval names of their split (train: scene-0001, scene-0002, ...; val:
+scene-0003, scene-0012, ...), so the devkit's DetectionEval, which selects ground truth by the
+official split names, scores the world; splits.json lists the same names.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from absl import app, flags
 
 from data_prep.synthetic import mapexp, rig, tables
 from data_prep.synthetic.simulate import (Settings, StageTimer, cached_town, location_index, log_token,
-                                          scene_name, simulate_scene)
+                                          scene_names, simulate_scene)
 from data_prep.synthetic.world_io import WORLD_FILE, write_world_file
 
 _TABLE_ORDER = ('attribute', 'calibrated_sensor', 'category', 'ego_pose', 'instance', 'log', 'map',
@@ -32,10 +35,10 @@ def _check(cond: bool, flag: str, value, why: str) -> None:
 
 def _scene_job(args):
   """(table rows, CPU seconds per stage) of one scene; runs in a worker."""
-  out, settings, index = args
+  out, settings, index, name = args
   timer = StageTimer()
   start = time.process_time()
-  rows = simulate_scene(out, settings, index, timer)
+  rows = simulate_scene(out, settings, index, name, timer)
   timer.seconds['other'] = time.process_time() - start - sum(timer.seconds.values())
   return rows, timer.seconds
 
@@ -65,6 +68,8 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
   _check(isinstance(workers, int) and workers >= 1, 'workers', workers, 'need >= 1')
   _check(isinstance(version, str) and version.startswith('v1.0-') and '/' not in version, 'version',
          version, "need 'v1.0-<name>'")
+  _check(num_scenes - val_scenes <= 700 and val_scenes <= 150, 'num_scenes', num_scenes,
+         'scenes take official v1.0-trainval names: at most 700 train and 150 val scenes')
   _check(bool(out), 'out', out, 'need a directory')
   log = log or (lambda msg: None)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -80,7 +85,8 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
   settings = Settings(seed, num_scenes, val_scenes, frames_per_scene, sweeps_per_frame,
                       image_width, image_height)
   start = time.time()
-  jobs = [(out, settings, i) for i in range(num_scenes)]
+  names = scene_names(num_scenes, val_scenes)
+  jobs = [(out, settings, i, names[i]) for i in range(num_scenes)]
   pool = None
   if workers > 1 and num_scenes > 1:
     pool = multiprocessing.get_context('spawn').Pool(min(workers, num_scenes))
@@ -113,7 +119,6 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
 
   root = os.path.join(out, version)
   tables.write_tables(root, all_rows)
-  names = [scene_name(seed, i) for i in range(num_scenes)]
   split = num_scenes - val_scenes
   tables.write_table(os.path.join(root, 'splits.json'), dict(train=names[:split], val=names[split:]))
   write_world_file(out, settings, names)

@@ -40,9 +40,22 @@ class Settings:
   image_height: int
 
 
-def scene_name(seed: int, index: int) -> str:
-  # Official names are scene-NNNN; these cannot collide with them.
-  return f'synth-{seed}-{index:04d}'
+def scene_names(num_scenes: int, val_scenes: int) -> list:
+  """Names of the world's scenes: official v1.0-trainval names of the split each belongs to.
+
+  The devkit's DetectionEval picks the ground truth of a split by the hard-coded official scene
+  names (nuscenes.utils.splits.create_splits_scenes), not by splits.json, so the train scenes
+  take the first official 'train' names and the last `val_scenes` scenes the first official
+  'val' names (e.g. scene-0003). At most 700 train and 150 val scenes.
+  """
+  # The devkit import costs seconds: done once, in the main process, never in a scene worker.
+  from nuscenes.utils import splits  # pylint: disable=import-outside-toplevel
+  official = splits.create_splits_scenes()
+  num_train = num_scenes - val_scenes
+  if num_train > len(official['train']) or val_scenes > len(official['val']):
+    raise ValueError(f'at most {len(official["train"])} train and {len(official["val"])} val '
+                     f'scenes have official names, asked for {num_train} and {val_scenes}')
+  return official['train'][:num_train] + official['val'][:val_scenes]
 
 
 def log_token(seed: int, index: int) -> str:
@@ -109,15 +122,15 @@ class StageTimer:
     self.seconds[self._stage] = self.seconds.get(self._stage, 0.0) + time.process_time() - self._start
 
 
-def simulate_scene(out: str, settings: Settings, index: int, timer: StageTimer | None = None) -> dict:
-  """Simulates scene `index`, writes its sample/sweep files under `out`, returns its table rows
-  (dict table name -> list of rows). `timer` collects CPU seconds per stage ('world', 'lidar',
-  'camera', 'jpeg', 'annotations')."""
+def simulate_scene(out: str, settings: Settings, index: int, name: str,
+                   timer: StageTimer | None = None) -> dict:
+  """Simulates scene `index` (called `name`, see scene_names), writes its sample/sweep files
+  under `out`, returns its table rows (dict table name -> list of rows). `timer` collects CPU
+  seconds per stage ('world', 'lidar', 'camera', 'jpeg', 'annotations')."""
   timer = timer or StageTimer()
   seed = settings.seed
   with timer('world'):
     world = build_world(settings, index)
-  name = scene_name(seed, index)
   key = f'{seed}/{index}'
   rows = {k: [] for k in ('log', 'scene', 'sample', 'sample_data', 'ego_pose', 'calibrated_sensor',
                           'instance', 'sample_annotation')}
@@ -215,18 +228,27 @@ def _annotate(rows: dict, world: sensors.World, settings: Settings, key: str, ke
   sorted_points = {f: SortedPoints(key_hits[f][0][:, :3]) for f in range(nframes)}
   for i in np.nonzero(in_range.any(0))[0]:
     frames = np.nonzero(in_range[:, i])[0]
-    span = range(int(frames[0]), int(frames[-1]) + 1)
     o = objects[i]
     inst_tok = token(key, 'instance', i)
-    ann_toks = [token(key, 'ann', i, f) for f in span]
-    for j, f in enumerate(span):
-      points, hits, boxes, pose = key_hits[f]
+    annotated = []  # (frame, box index, translation, size, rotation, num_lidar_pts)
+    for f in range(int(frames[0]), int(frames[-1]) + 1):
+      _, _, boxes, pose = key_hits[f]
       b = int(np.nonzero(boxes.instance == i)[0][0])
       translation = [float(v) for v in boxes.centre[b]]
       size = [float(v) for v in boxes.size[b]]
       rotation = [float(v) for v in rig.yaw_quaternion(float(boxes.yaw[b]))]
       # num_lidar_pts exactly as the devkit counts it on the stored key-frame sweep.
       npts = sorted_points[f].count_in_box(*box_in_sensor(translation, size, rotation, pose, cs))
+      # Only objects the key-frame LiDAR saw are annotated: DetectionEval drops ground truth
+      # with no LiDAR/radar points, so a box without points would be a label that no evaluation
+      # counts (and a false positive when a detector, rightly, reports it).
+      if npts > 0:
+        annotated.append((f, b, translation, size, rotation, npts))
+    if not annotated:
+      continue
+    ann_toks = [token(key, 'ann', i, a[0]) for a in annotated]
+    for j, (f, b, translation, size, rotation, npts) in enumerate(annotated):
+      _, hits, boxes, _ = key_hits[f]
       seen = int((hits.hit == b).sum())
       frac = seen / hits.box_any[b] if hits.box_any[b] else 0.0
       vis = '1' if frac < 0.4 else '2' if frac < 0.6 else '3' if frac < 0.8 else '4'
