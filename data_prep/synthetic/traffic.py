@@ -271,4 +271,32 @@ def build_scene(town: Town, seed: int, scene_index: int, duration: float) -> Sce
                   else ((wx0 + wx1) / 2, wy0 + f * (wy1 - wy0) + 2.6 * j))
           objects.append(SceneObject('barrier', _size(rng, 'barrier'), (0.9, 0.9, 0.85),
                                      (x, y, cz, 0.0 if along_x else np.pi / 2)))
+  objects += _class_showcase(route, np.random.default_rng([seed, 7919, scene_index]))
   return Scene(route, v0, float(rng.uniform(0, 2 * np.pi)), objects, {})
+
+
+# One parked object of every detection class behind the ego's start (the route begins at an
+# intersection 5 m behind it, so this is open road): (class, metres behind the ego, metres to
+# its left). Near the ego the small classes, farther out the large ones, fanned out so that each
+# is hit by LiDAR. nuScenes' DetectionEval averages AP and TP errors over all ten classes, a
+# class missing from a split scoring 0, so every scene shows every class.
+_SHOWCASE = (('traffic_cone', 7.0, -2.5), ('barrier', 7.0, 2.5), ('pedestrian', 9.0, 0.0),
+             ('bicycle', 10.0, -5.0), ('motorcycle', 10.0, 5.0), ('car', 18.0, -3.0),
+             ('construction_vehicle', 20.0, 4.5), ('truck', 25.0, 0.5), ('bus', 32.0, -5.0),
+             ('trailer', 34.0, 5.5))
+
+
+def _class_showcase(route: Route, rng) -> list:
+  """The _SHOWCASE objects, parallel to the ego's start heading (own rng: the rest of the scene
+  is what it was without them)."""
+  x0, y0, yaw = (float(v) for v in route.at(5.0))  # Scene.ego_s(0) = 5
+  forward, left = np.array([np.cos(yaw), np.sin(yaw)]), np.array([-np.sin(yaw), np.cos(yaw)])
+  objects = []
+  for cls, back, side in _SHOWCASE:
+    x, y = np.array([x0, y0]) - back * forward + side * left
+    kind = rig.CLASSES[cls][2]
+    attribute = {'vehicle': 'vehicle.parked', 'cycle': 'cycle.without_rider',
+                 'pedestrian': 'pedestrian.standing'}.get(kind, '')
+    objects.append(SceneObject(cls, _size(rng, cls), _vehicle_colour(rng),
+                               (float(x), float(y), 0.0, yaw), attribute=attribute))
+  return objects
