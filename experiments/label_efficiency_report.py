@@ -22,6 +22,7 @@ import math
 import os
 import re
 
+from nsmae_jax.config import Config
 from nsmae_jax.data import schema
 from nsmae_jax.data import subsets
 
@@ -72,7 +73,6 @@ def train_frames(config, fraction: float) -> int | str:
 def _saved_train_frames(workdir: str, fraction: float) -> int | str:
   """train_frames from the cell's saved config.json, for cells whose result.json predates the
   runner storing the count; '' when neither the config nor the dataset is there."""
-  from nsmae_jax.config import Config  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return ''
