@@ -208,8 +208,39 @@ class FinetuneConfig:
                                 'of the pre-trained features).', check=non_negative)
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectionConfig:
+  """3D object detection fine-tuning: a CenterPoint-style head on the fused BEV map, scored by
+  nuscenes-devkit's DetectionEval. Backbone init, label fraction and learning-rate scale come
+  from the fine-tuning group."""
+  det_resolution: float = _f(1.0, 'Cell size (m) of the detection head grid over [-E, E]^2 of '
+                             'the LiDAR frame; the fused BEV map is resampled to it.',
+                             check=positive)
+  det_head_channels: int = _f(64, 'Channels of the detection head convolutions.', check=positive)
+  det_min_overlap: float = _f(0.1, 'Heatmap targets: CenterPoint gaussian_radius min overlap, '
+                              'in (0, 1).', check=lambda x: None if 0.0 < x < 1.0 else
+                              f'must be in (0, 1), got {x}')
+  det_min_radius: int = _f(2, 'Heatmap targets: smallest Gaussian radius (cells).',
+                           check=non_negative)
+  det_reg_weight: float = _f(0.25, 'Weight of the L1 box regression loss next to the heatmap '
+                             'focal loss (CenterPoint: 0.25).', check=non_negative)
+  det_top_k: int = _f(100, 'Detections kept per key frame after local-max pooling (the devkit '
+                      'accepts at most 500).', check=lambda x: None if 1 <= x <= 500 else
+                      f'must be in [1, 500], got {x}')
+  det_score_threshold: float = _f(0.05, 'Detections below this score are not reported.',
+                                  check=fraction)
+  det_nms: str = _f('circle', 'Detection NMS: circle (CenterPoint class-wise centre distance) '
+                    'or none.', check=one_of('circle', 'none'))
+  det_eval_set: str = _f('val', 'Official nuScenes split DetectionEval scores (the converted '
+                         'eval split must hold the same key frames).',
+                         check=one_of('val', 'train', 'mini_val', 'mini_train'))
+  det_eval_config: str = _f('detection_cvpr_2019', 'nuscenes-devkit detection eval config '
+                            '(config_factory name).')
+
+
 GROUPS = {'data': DataConfig, 'model': ModelConfig, 'render': RenderConfig, 'loss': LossConfig,
-          'train': TrainConfig, 'finetune': FinetuneConfig}
+          'train': TrainConfig, 'finetune': FinetuneConfig,
+          'detection': DetectionConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +252,7 @@ class Config:
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+  detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
 
   # ---- derived geometry (the single place these are computed) ----
   @property
