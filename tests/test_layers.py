@@ -156,6 +156,8 @@ def rule_violation(imp: Import, modules: dict[str, str]) -> str | None:
   if part_of(src) == 'nsmae_jax.geometry' != part_of(dst):
     return 'geometry imports no other nsmae_jax module'
   lsrc, ldst = layer_of(src, modules), layer_of(dst, modules)
+  if lsrc is None or ldst is None:
+    return f'{src if lsrc is None else dst} has no layer: place it in LAYERS'
   if part_of(src) == 'nsmae_jax.train' and ldst == TASKS:
     return 'train imports no pretrain/finetune module (the entry point hands it a task)'
   if lsrc == TASKS and dst in TRAIN_API:
@@ -228,8 +230,8 @@ def test_no_two_parts_import_each_other():
 
 
 def test_every_library_module_has_a_layer():
-  """A new top-level module or subpackage under nsmae_jax must be placed in LAYERS (and this
-  docstring's table) before it can be checked."""
+  """A new top-level module or subpackage under nsmae_jax must be placed in LAYERS (and the
+  module docstring's table) before it can be checked."""
   modules = find_modules()
   missing = [m for m in modules if m != 'nsmae_jax' and m.startswith('nsmae_jax')
              and _prefix_layer(m) is None]
@@ -258,6 +260,8 @@ _FAKE = {
     'data_prep.convert': ('from nsmae_jax.data import schema\n'
                           'from nsmae_jax.data.pipeline import open_split\n'),
     'experiments.run': 'from data_prep import convert\nfrom nsmae_jax import viz\n',
+    'nsmae_jax.newpart': '',
+    'nsmae_jax.viz2': 'from nsmae_jax import newpart\n',
 }
 
 
@@ -288,6 +292,7 @@ def test_checker_flags_each_rule_on_made_up_modules():
       'nsmae_jax.train.checkpointing of train)',
       'nsmae_jax.train.loop imports nsmae_jax.pretrain.task: train imports no pretrain/finetune '
       'module (the entry point hands it a task)',
+      'nsmae_jax.viz2 imports nsmae_jax.newpart: nsmae_jax.viz2 has no layer: place it in LAYERS',
   ])
   # Lines name the file and line of the statement, also inside functions.
   assert any(line.startswith(os.path.join('nsmae_jax', 'geometry.py') + ':4 ')
