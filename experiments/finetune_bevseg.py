@@ -23,7 +23,7 @@ from nsmae_jax.finetune import bevseg_task, format_table
 
 def finetune(config, workdir):
   """Runs (or resumes) one fine-tuning; returns the final metrics and writes result.json."""
-  result = train.train_and_evaluate(config, workdir, task=bevseg_task(config, workdir))
+  _, result = train.train_and_evaluate(config, workdir, bevseg_task(config, workdir))
   evals = {k[len('eval_'):]: v for k, v in result.items() if k.startswith('eval_')}
   if 'miou' in evals:
     print(format_table(evals), flush=True)

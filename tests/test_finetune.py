@@ -27,8 +27,8 @@ def fresh_params():
 
 def _save_pretrain_checkpoint(workdir, backbone, step=7):
   """A pre-training-shaped checkpoint: state {'step', 'params': {'backbone', 'field'}}."""
-  state = {'step': np.int32(step),
-           'params': {'backbone': backbone, 'field': {'out': {'kernel': np.ones((4, 4), np.float32)}}}}
+  field = {'out': {'kernel': np.ones((4, 4), np.float32)}}
+  state = {'step': np.int32(step), 'params': {'backbone': backbone, 'field': field}}
   ckpt = Checkpointer(str(workdir), async_save=False)
   ckpt.save(step, state, {'next_batch': 3}, force=True)
   ckpt.close()
@@ -147,9 +147,9 @@ def test_finetune_loop_end_to_end(tmp_path):
       yield b
 
   workdir = config.train.workdir
-  result = train_and_evaluate(config, workdir, task=bevseg_task(config, workdir),
-                              train_iterator=FakeIterator(config, devices),
-                              eval_batches_fn=eval_batches)
+  _, result = train_and_evaluate(config, workdir, bevseg_task(config, workdir),
+                                 train_iterator=FakeIterator(config, devices),
+                                 eval_batches_fn=eval_batches)
   assert 0.0 <= result['eval_miou'] <= 1.0
   assert result['eval_examples'] == devices + 1  # padding slots are not counted
   assert os.path.exists(os.path.join(workdir, 'images', 'bev_pred_vs_gt_000002.png'))

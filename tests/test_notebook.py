@@ -31,8 +31,10 @@ def test_committed_notebook_has_no_outputs_and_defines_no_functions():
     # Logic lives in the library: cells call it (a one-line lambda is the only closure).
     assert '\ndef ' not in '\n' + cell.source and 'class ' not in cell.source, cell.source[:80]
   source = '\n'.join(c.source for c in cells)
-  for call in ('generate(', 'convert(', 'train.train_and_evaluate(', 'losses.render_views(',
-               'checkpointing.Checkpointer(', 'restore_subtree(', 'bevseg_task('):
+  for call in ('generate(', 'convert(', 'train.train_and_evaluate(config, PRETRAIN_DIR, pretrain,',
+               'train.train_and_evaluate(ft_config, FINETUNE_DIR, ft_task,', 'pretrain_task(',
+               'losses.render_views(', 'checkpointing.Checkpointer(', 'restore_subtree(',
+               'bevseg_task('):
     assert call in source, call
   for name in FIGURES:
     assert f"'{name}'" in source, name

@@ -25,7 +25,7 @@ def test_pretrain_writes_metrics_images_checkpoints_and_restores_backbone(conver
   config = tiny_config(str(tmp_path), data_dir=converted_data_dir, dataroot=synthetic_dataroot,
                        num_train_steps=4, eval_every_steps=4, image_every_steps=4,
                        checkpoint_every_steps=2)
-  result = train_and_evaluate(config, config.train.workdir, pretrain_task(config))
+  _, result = train_and_evaluate(config, config.train.workdir, pretrain_task(config))
   workdir = config.train.workdir
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]

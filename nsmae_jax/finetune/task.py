@@ -1,11 +1,10 @@
 """The BEV map segmentation Task for the shared training loop (nsmae_jax.train).
 
-  task = bevseg_task(config, workdir)
-  train_and_evaluate(config, workdir, task=task)
+  state, metrics = train_and_evaluate(config, workdir, bevseg_task(config, workdir))
 
 On a fresh start, the backbone (LiDAR + camera encoders, lifting, fusion) is restored from the
-latest checkpoint of config.finetune.init_workdir (empty = from scratch); the head is always
-fresh. What was loaded and what stayed fresh is printed and written to
+newest verified checkpoint of config.finetune.init_workdir (empty = from scratch); the head is
+always fresh. What was loaded and what stayed fresh is printed and written to
 <workdir>/init_report.json. Eval sums TP/FP/FN per class and threshold over the whole val split
 (use --eval_batches=0) and reports BEVFusion's mIoU (nsmae_jax.finetune.metrics).
 """
@@ -23,6 +22,7 @@ import numpy as np
 from nsmae_jax.config import Config
 from nsmae_jax.finetune import metrics as metrics_lib
 from nsmae_jax.finetune.head import BEVSegModel, seg_loss
+from nsmae_jax.train.checkpointing import restore_subtree
 from nsmae_jax.train.task import Task
 
 
@@ -41,11 +41,10 @@ def init_from_pretrained(params: dict, init_workdir: str, step: int | None = Non
   """params {'backbone', 'head'} -> (params with the backbone restored, report).
 
   The backbone subtree comes from `<init_workdir>/checkpoints/<step>/state` at
-  ('params', 'backbone') (latest step by default); the head keeps its fresh values. An empty
+  ('params', 'backbone') (the newest step whose checksums verify by default); the head keeps its fresh values. An empty
   init_workdir loads nothing. report: {'init_workdir', 'step', 'loaded': [paths], 'fresh':
   [paths], 'loaded_params', 'fresh_params'} (paths 'backbone/...', 'head/...').
   """
-  from nsmae_jax.train.checkpointing import restore_subtree  # pylint: disable=import-outside-toplevel
   params = dict(params)
   loaded_step = None
   if init_workdir:
@@ -132,10 +131,10 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
     params, report = init_from_pretrained(params, fc.init_workdir)
     if jax.process_index() == 0:
       src = f'{fc.init_workdir} step {report["step"]}' if fc.init_workdir else 'nothing (scratch)'
+      fresh_modules = sorted({'/'.join(p.split('/')[:2]) for p in report['fresh']})
       print(f'init: loaded {len(report["loaded"])} leaves / {report["loaded_params"]:,} params '
             f'from {src}; fresh {len(report["fresh"])} leaves / {report["fresh_params"]:,} '
-            f'params ({", ".join(sorted({p.split("/")[0] + "/" + p.split("/")[1] for p in report["fresh"]}))})',
-            flush=True)
+            f'params ({", ".join(fresh_modules)})', flush=True)
       if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, 'init_report.json'), 'w') as f:
@@ -152,4 +151,4 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
               lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
               train_data_kwargs=dict(label_fraction=fc.label_fraction,
                                      subset_seed=fc.subset_seed),
-              headline='miou')
+              headline=('loss', 'miou'))

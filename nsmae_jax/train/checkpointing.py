@@ -1,83 +1,300 @@
-"""orbax checkpoints: the train state and the data iterator position saved together.
+"""orbax checkpoints: the train state and the data iterator position saved together, verified.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data}`. `state` is the (host, unreplicated) train
-state as a pytree; `data` is the input iterator's JSON state, so a resumed run continues with the
-exact batches it would have seen. Saves are asynchronous; orbax writes into a temporary directory
-and renames on completion, so a run killed mid-save leaves the previous checkpoint as the latest.
+Layout: `<workdir>/checkpoints/<step>/{state,data,manifest.json}`. `state` is the (host,
+unreplicated) train state as a pytree; `data` is the input iterator's JSON state, so a resumed run
+continues with the exact batches it would have seen. Saves are asynchronous; orbax writes into a
+temporary directory and renames it on completion, so a run killed mid-save leaves the previous
+checkpoint as the latest.
+
+orbax does not notice a damaged file (a flipped byte inside an array chunk restores silently), so
+once a save has finished, the primary process writes `manifest.json` (size and sha256 of every
+file of the step) and every restore checks it first. A step without a valid manifest (damaged,
+truncated, or renamed into place just before a kill -9) is moved to
+`<workdir>/checkpoints_damaged/` with a warning naming the step and why, and the run resumes from
+the newest good step; when no good step is left the run refuses (CheckpointDamagedError).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from nsmae_jax.train.integrity import verify_step, write_manifest
+
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message names the directory."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """Saving a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """No usable checkpoint is left under a directory that had checkpoints."""
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def damaged_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints_damaged')
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def _quarantine(workdir_checkpoints: str, step: int) -> str:
+  """Moves <checkpoints>/<step> to <workdir>/checkpoints_damaged/<step>-<time>; returns it."""
+  target_root = os.path.join(os.path.dirname(workdir_checkpoints), 'checkpoints_damaged')
+  os.makedirs(target_root, exist_ok=True)
+  target = os.path.join(target_root, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  os.replace(os.path.join(workdir_checkpoints, str(step)), target)
+  return target
+
+
+def _warn(message: str) -> None:
+  logging.info('%s', message)  # absl would print a warning to stderr a second time
+  if _is_primary():
+    print(f'WARNING: {message}', file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:400]
+
+
+def _write_failure(error: BaseException, directory: str, step: int | None) -> str:
+  """A one-paragraph description of why writing a checkpoint under `directory` failed."""
+  chain, e = [], error
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  full = ' '.join(str(c) for c in chain)
+  disk_full = any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                  for c in chain) or 'No space left on device' in full or (
+                      "os_error_code='28'" in full) or 'File too large' in full
+  try:
+    free = f'{shutil.disk_usage(directory).free / 2**20:.1f} MiB free there now'
+  except OSError:
+    free = 'free space unknown'
+  what = 'the disk is full' if disk_full else _first_line(error)
+  return (f'writing checkpoint step {step} under {directory} failed: {what} ({free}). '
+          'Earlier checkpoints there are intact; free space (or fix the cause) and rerun the '
+          'same command to resume from the latest of them.')
+
+
+def _remove_temporary(directory: str, step: int | None) -> None:
+  """Deletes orbax's unfinished temporary directory of `step` (frees the space it took)."""
+  if step is None or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.startswith(f'{step}.') and _TMP_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
-  """One CheckpointManager for a run's workdir."""
+  """One CheckpointManager for a run's workdir, with integrity manifests and clear errors.
+
+  Call poll() once per train step: when an asynchronous save has finished, it writes that step's
+  manifest (so a kill -9 loses at most the steps since then). save(), wait() and close() raise
+  CheckpointWriteError naming the directory when a save failed.
+  """
 
   def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+    self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
+    self._async = async_save
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=('state', 'data'))
+    self._unverified: list[int] = []  # saved by this run; no manifest yet
+    self._failed: CheckpointWriteError | None = None
 
   def latest_step(self) -> int | None:
+    """The newest step orbax lists (verified or not; see restore_latest)."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  # ---- saving ----
   def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
     """Saves host `state` (numpy pytree) and the iterator state at `step` (asynchronously)."""
+    self._settle()  # orbax would wait for the previous save anyway; its manifest goes first
     state = jax.device_get(state)
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})),
-                              force=force)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})),
+                                 force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._fail(e, step) from None
+    if saved:
+      self._unverified.append(step)
+    if not self._async:
+      self._settle()
+    return saved
 
-  def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-    """Restores (state shaped like `target_state`, iterator state, step); latest by default."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint under {self.directory}')
-    target = jax.tree_util.tree_map(np.asarray, jax.device_get(target_state))
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['data'] or {}), step
+  def poll(self) -> None:
+    """Writes the manifest of a finished asynchronous save; never blocks on one in progress."""
+    if self._unverified and not self._manager.is_saving_in_progress():
+      self._settle()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are on disk with their manifests."""
+    self._settle()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """wait(), then releases orbax's threads. After a reported failure it only releases."""
+    try:
+      if self._failed is None:
+        self._settle()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if self._failed is None:
+          raise self._fail(e, None) from None
+
+  def _settle(self) -> None:
+    if self._failed is not None:
+      raise self._failed
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._fail(e, self._unverified[-1] if self._unverified else None) from None
+    if _is_primary():
+      for step in self._unverified:
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(step_dir):  # else already removed by max_to_keep
+          write_manifest(step_dir)
+    self._unverified = []
+
+  def _fail(self, error: BaseException, step: int | None) -> CheckpointWriteError:
+    logging.error('checkpoint save failed: %r', error)
+    self._failed = CheckpointWriteError(_write_failure(error, self.directory, step))
+    self._unverified = []
+    if _is_primary():
+      _remove_temporary(self.directory, step)
+    return self._failed
+
+  # ---- restoring ----
+  def _restore_step(self, target: Any, step: int) -> tuple[Any, dict]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['data'] or {})
+
+  def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    """(state shaped like `target_state`, iterator state, step); newest verified by default.
+
+    Read-only: damaged steps are skipped with a warning (restore_latest moves them aside).
+    """
+    step = resolve_step(self.directory, step)
+    target = jax.tree_util.tree_map(np.asarray, jax.device_get(target_state))
+    try:
+      state, data = self._restore_step(target, step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointDamagedError(f'checkpoint step {step} under {self.directory} cannot be '
+                                   f'restored: {_first_line(e)}') from None
+    return state, data, step
+
+  def restore_latest(self, target_state: Any) -> tuple[Any, dict, int] | None:
+    """Resume: the newest good checkpoint as (state, iterator state, step); None if none saved.
+
+    Each damaged or incomplete step (bad manifest, or orbax cannot read it) is named in a warning
+    and moved to <workdir>/checkpoints_damaged/, newest first, until a good one restores. Raises
+    CheckpointDamagedError naming the directory when steps existed but none was usable.
+    """
+    target = jax.tree_util.tree_map(np.asarray, jax.device_get(target_state))
+    steps = _step_dirs(self.directory)
+    damaged = []
+    result = None
+    for step in reversed(steps):
+      reason = verify_step(os.path.join(self.directory, str(step)))
+      if reason is None:
+        try:
+          state, data = self._restore_step(target, step)
+          result = (state, data, step)
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'orbax cannot restore it ({_first_line(e)})'
+      if reason is None:
+        break
+      damaged.append((step, reason))
+    if damaged:
+      _sync('nsmae_checkpoint_verify')  # every process has judged before any step moves
+      for step, reason in damaged:
+        moved = _quarantine(self.directory, step) if _is_primary() else damaged_dir(self.workdir)
+        _warn(f'checkpoint step {step} under {self.directory} is damaged or incomplete: '
+              f'{reason}; moved to {moved}')
+      _sync('nsmae_checkpoint_quarantine')
+      self._manager.reload()
+    if result is None and damaged:
+      raise CheckpointDamagedError(
+          f'no usable checkpoint left under {self.directory}: '
+          + '; '.join(f'step {s}: {r}' for s, r in damaged)
+          + f'. They were moved to {damaged_dir(self.workdir)}; rerun to start from step 0, '
+          'or restore a good copy into the checkpoint directory.')
+    return result
 
 
-def _resolve_step(directory: str, step: int | None) -> int:
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
-      directory) else []
+def resolve_step(directory: str, step: int | None) -> int:
+  """`step` if it verifies, else raises; None -> the newest step that verifies (warns on skips)."""
+  steps = _step_dirs(directory)
   if not steps:
     raise FileNotFoundError(f'no checkpoint under {directory} (expected <workdir>/checkpoints/'
                             '<step>/ written by experiments.pretrain)')
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} under {directory}; have {steps}')
-  return step
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint for step {step} under {directory}; have {steps}')
+    reason = verify_step(os.path.join(directory, str(step)))
+    if reason:
+      raise CheckpointDamagedError(f'checkpoint step {step} under {directory} is damaged: '
+                                   f'{reason}')
+    return step
+  skipped = []
+  for s in reversed(steps):
+    reason = verify_step(os.path.join(directory, str(s)))
+    if reason is None:
+      for bad, why in skipped:
+        _warn(f'skipping damaged checkpoint step {bad} under {directory}: {why}')
+      return s
+    skipped.append((s, reason))
+  raise CheckpointDamagedError(f'no usable checkpoint under {directory}: ' + '; '.join(
+      f'step {s}: {r}' for s, r in skipped))
 
 
 def read_raw(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """The saved state as a raw nested dict of numpy arrays (no target needed), and its step."""
   directory = checkpoint_dir(workdir)
-  step = _resolve_step(directory, step)
+  step = resolve_step(directory, step)
   path = os.path.join(directory, str(step), 'state')
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.restore(path)
@@ -93,7 +310,7 @@ def restore_subtree(workdir: str, target: Any, prefix: tuple[str, ...] = ('param
   ValueError names the leaf. Returns (restored subtree as numpy, step).
   """
   directory = checkpoint_dir(workdir)
-  step = _resolve_step(directory, step)
+  step = resolve_step(directory, step)
   path = os.path.join(directory, str(step), 'state')
   target = jax.tree_util.tree_map(np.asarray, jax.device_get(target))
   full_target = target

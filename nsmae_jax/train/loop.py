@@ -1,19 +1,31 @@
 """train_and_evaluate: the pmap training loop shared by pre-training and fine-tuning.
 
-One process per host; each reads its own part of the data. The per-device step (steps.py) is
-pure; pmap is applied here, once. A killed run resumes from its latest checkpoint (train state
-and data iterator position saved together); SIGTERM (preemption) saves before exit; a non-finite
-loss stops the run naming the step range, without saving the bad state.
+Shaped like flax's examples/imagenet train.py: create or restore the state, then the loop, with
+the periodic actions (log, images, eval, checkpoint, preemption) as small functions. One process
+per host; each reads its own part of the data. The per-device step (steps.py) is pure; pmap is
+applied here, once.
+
+What a run guarantees:
+- A killed run resumes from its newest good checkpoint (train state and data iterator position
+  saved together, verified by checksum; a damaged step is named and moved aside).
+- SIGTERM (preemption), once or repeatedly, even during a save: one checkpoint at the current
+  step, then a clean return.
+- A non-finite loss stops the run naming the step range, without saving the bad state.
+- A failed save (e.g. a full disk) stops the run with CheckpointWriteError naming the directory.
+- One run per work dir (a lock file; a second run is refused, naming the holder).
+- On return, saves are complete on disk, and the writers and the iterators the loop created are
+  closed: the process can exit at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
-import signal
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import numpy as np
@@ -26,34 +38,25 @@ from nsmae_jax.train import distributed
 from nsmae_jax.train.checkpointing import Checkpointer
 from nsmae_jax.train.metric_writer import MetricWriter, Progress
 from nsmae_jax.train.optim import learning_rate_schedule, make_optimizer
+from nsmae_jax.train.preemption import Preemption
 from nsmae_jax.train.steps import TrainState, eval_step, train_step
 from nsmae_jax.train.task import Task
+from nsmae_jax.train.workdir_lock import WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; the message names the step range."""
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+class TrainResult(NamedTuple):
+  """What train_and_evaluate returns (unpacks as `state, metrics = ...`).
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  state: the final TrainState on the host (numpy leaves, unreplicated).
+  metrics: the last logged train metrics, the last eval's metrics prefixed 'eval_', and
+    'preempted_at_step' when SIGTERM stopped the run. Empty when there was nothing left to train.
+  """
+  state: TrainState
+  metrics: dict[str, float]
 
 
 def _numeric(batch: dict) -> dict:
@@ -75,7 +78,18 @@ def _host_scalars(metrics: Any) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def evaluate(task: Task, p_eval, rparams, rng, batches, max_batches: int) -> dict:
+def _close(iterator: Any) -> None:
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
+
+
+def _due(step: int, every: int) -> bool:
+  return bool(every) and step % every == 0
+
+
+def evaluate(task: Task, p_eval, rparams, rng, batches: Iterable[dict], max_batches: int
+             ) -> dict:
   """Runs p_eval over `batches` (at most max_batches, 0 = all); returns the task's summary."""
   sums = None
   for i, batch in enumerate(batches):
@@ -88,145 +102,212 @@ def evaluate(task: Task, p_eval, rparams, rng, batches, max_batches: int) -> dic
   return task.eval_summary(sums)
 
 
-def train_and_evaluate(config: Config, workdir: str | None, task: Task,
+def create_train_state(config: Config, task: Task, rng: jax.Array) -> TrainState:
+  """Fresh params (from the task, on an example batch's shapes) and optimiser state."""
+  example = fake_batch(config, config.train.per_device_batch_size)  # shapes only
+  params = jax.jit(task.init_params)(rng, example)  # eager init compiles op by op
+  return TrainState.create(apply_fn=None, params=params,
+                           tx=make_optimizer(config.train, task.lr_scales))
+
+
+def restore_or_initialize(ckpt: Checkpointer, state: TrainState, task: Task, train_iterator: Any,
+                          log: Callable[[str], None]) -> tuple[TrainState, int]:
+  """(state, first step - 1): the newest good checkpoint, else task.prepare_params(fresh)."""
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    return state.replace(params=task.prepare_params(state.params)), 0
+  state, data_state, step = restored
+  if data_state and hasattr(train_iterator, 'set_state'):
+    train_iterator.set_state(data_state)
+  logging.info('resumed %s from step %d', ckpt.directory, step)
+  log(f'Resuming from checkpoint at step {step} in {ckpt.directory}')
+  return state, step
+
+
+@dataclasses.dataclass
+class _Run:
+  """The pieces the periodic actions share (one run of train_and_evaluate)."""
+  config: Config
+  task: Task
+  ckpt: Checkpointer
+  writer: MetricWriter
+  progress: Progress
+  train_iterator: Any
+  eval_batches_fn: Callable[[], Iterable[dict]]
+  on_log: Callable[[int, dict], None] | None
+  is_main: bool
+  p_train: Any
+  p_eval: Any
+  rstate: Any
+  step_rng: Any
+  eval_rng: Any
+  image_rng: jax.Array
+  last: dict = dataclasses.field(default_factory=dict)
+  last_eval: dict = dataclasses.field(default_factory=dict)
+  last_checked: int = 0
+  t_log: float = 0.0
+  s_log: int = 0
+
+  def check_finite(self, step: int, metrics: dict) -> None:
+    if not np.isfinite(metrics['loss']):
+      raise NonFiniteLossError(
+          f'non-finite loss ({metrics["loss"]}) between steps {self.last_checked + 1} and '
+          f'{step}; the last good checkpoint in {self.ckpt.directory} (step '
+          f'{self.ckpt.latest_step()}) is kept')
+    self.last_checked = step
+
+  def log(self, step: int, metrics: Any) -> None:
+    """Train scalars (with rates and learning rate) to the writers, the bar and on_log."""
+    tc = self.config.train
+    last = _host_scalars(metrics)
+    self.check_finite(step, last)
+    now = time.time()
+    last['steps_per_second'] = (step - self.s_log) / max(now - self.t_log, 1e-9)
+    last['samples_per_second'] = (last['steps_per_second'] * tc.per_device_batch_size
+                                  * jax.device_count())
+    last['learning_rate'] = float(learning_rate_schedule(tc)(step - 1))
+    self.t_log, self.s_log = now, step
+    self.last = last
+    self.writer.scalars(step, last)
+    self.progress.train(step, last)
+    if self.on_log is not None and self.is_main:
+      self.on_log(step, dict(last))
+
+  def images(self, step: int, batch: dict) -> None:
+    """The task's images of the first device's batch, from process 0's params."""
+    params0 = jax.device_get(jax_utils.unreplicate(self.rstate.params))
+    batch0 = {k: v[0] for k, v in batch.items()}
+    self.writer.images(step, self.task.render_images(params0, batch0, self.image_rng))
+
+  def evaluate(self, step: int) -> None:
+    """One pass of eval_batches_fn() (closed afterwards); scalars prefixed 'eval_'."""
+    batches = self.eval_batches_fn()
+    try:
+      self.last_eval = evaluate(self.task, self.p_eval, self.rstate.params, self.eval_rng,
+                                batches, self.config.train.eval_batches)
+    finally:
+      _close(batches)
+    if self.last_eval:
+      self.writer.scalars(step, self.last_eval, prefix='eval_')
+      self.progress.eval(step, self.last_eval)
+      if self.on_log is not None and self.is_main:
+        self.on_log(step, {f'eval_{k}': v for k, v in self.last_eval.items()})
+
+  def checkpoint(self, step: int, metrics: Any) -> None:
+    """Saves (asynchronously) unless the loss went non-finite since the last check."""
+    self.check_finite(step, _host_scalars(metrics))
+    data_state = (self.train_iterator.get_state() if hasattr(self.train_iterator, 'get_state')
+                  else None)
+    self.ckpt.save(step, jax_utils.unreplicate(self.rstate), data_state, force=True)
+
+  def train(self, start: int, preemption: Preemption) -> int | None:
+    """Steps start+1 .. num_train_steps; returns the step SIGTERM stopped at, else None."""
+    tc = self.config.train
+    total = tc.num_train_steps
+    self.t_log, self.s_log, self.last_checked = time.time(), start, start
+    for step in range(start + 1, total + 1):
+      batch = _numeric(next(self.train_iterator))
+      self.rstate, metrics = self.p_train(self.rstate, batch, self.step_rng)
+      self.progress.advance(step)
+      self.ckpt.poll()  # the manifest of a save that finished meanwhile
+      last = step == total
+      if _due(step, tc.log_every_steps) or last:
+        self.log(step, metrics)
+      if (self.task.render_images is not None and self.is_main and tc.image_every_steps
+          and (_due(step, tc.image_every_steps) or last)):
+        self.images(step, batch)
+      if _due(step, tc.eval_every_steps) and not preemption.requested:
+        self.evaluate(step)
+      if _due(step, tc.checkpoint_every_steps) or last or preemption.requested:
+        self.checkpoint(step, metrics)
+      if preemption.requested:
+        self.ckpt.wait()
+        self.progress.write(f'SIGTERM: saved checkpoint at step {step}; exiting')
+        return step
+    return None
+
+
+def train_and_evaluate(config: Config, workdir: str, task: Task, *,
                        train_iterator: Any = None,
                        eval_batches_fn: Callable[[], Iterable[dict]] | None = None,
-                       return_state: bool = False,
-                       on_log: Callable[[int, dict], None] | None = None) -> Any:
-  """Trains `task` for config.train.num_train_steps.
+                       on_log: Callable[[int, dict], None] | None = None) -> TrainResult:
+  """Trains `task` for config.train.num_train_steps, evaluating and checkpointing in `workdir`.
 
-  Resumes from the latest checkpoint in `workdir` (default config.train.workdir) when there is
-  one. Returns the last logged train metrics merged with the last eval metrics (prefixed
-  'eval_'). `train_iterator` replaces the tf.data pipeline (tests); it must yield host batches
-  [local_devices, per_device_batch, ...] and may offer get_state()/set_state();
-  `eval_batches_fn` likewise replaces the eval pipeline (a fresh pass per call).
-  With return_state=True, returns (metrics, final host TrainState). `on_log(step, metrics)` is
-  called on process 0 at every log step and eval (eval keys prefixed 'eval_'), e.g. for a live
-  plot in a notebook.
+  Resumes from the newest good checkpoint in `workdir/checkpoints` when there is one.
+
+  Args:
+    config: the run's Config.
+    workdir: where checkpoints, metrics.jsonl, tensorboard/, images/, config.json and the run
+      lock go.
+    task: the model, loss and eval summary (nsmae_jax.pretrain.pretrain_task,
+      nsmae_jax.finetune.bevseg_task, ...).
+    train_iterator: replaces the input pipeline (tests): yields host batches [local_devices,
+      per_device_batch, ...]; may offer get_state()/set_state() (saved with the checkpoint) and
+      close(). The loop closes only iterators it created itself.
+    eval_batches_fn: replaces the eval pipeline: returns a fresh iterable of batches per call
+      (closed after each pass when it has close()).
+    on_log: called on process 0 as on_log(step, metrics) at every log step and eval (eval keys
+      prefixed 'eval_'), e.g. for a live plot in a notebook.
+
+  Returns:
+    TrainResult(state, metrics): see TrainResult.
+
+  Raises:
+    NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.CheckpointDamagedError,
+    workdir_lock.WorkdirLockedError: each message names the step or directory concerned.
   """
-  workdir = workdir or config.train.workdir
   tc = config.train
   distributed.maybe_initialize(tc)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if train_iterator is None:
-    from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    train_iterator = pipeline.make_train_iterator(config, **task.train_data_kwargs)
-  if eval_batches_fn is None:
-    from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel,reimported
-    eval_batches_fn = functools.partial(pipeline.make_eval_iterator, config)
+  lock_name = 'run.lock' if jax.process_index() == 0 else f'run.process{jax.process_index()}.lock'
+  # Unwound in reverse: iterators and writers close, then pending saves finish (still under
+  # the SIGTERM handler, so a late signal cannot cut a save short), then the lock goes.
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(WorkdirLock(workdir, lock_name))
+    preemption = stack.enter_context(Preemption())
+    ckpt = Checkpointer(workdir, max_to_keep=tc.max_to_keep)
+    stack.callback(ckpt.close)
+    if train_iterator is None:
+      from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+      train_iterator = pipeline.make_train_iterator(config, **task.train_data_kwargs)
+      stack.callback(_close, train_iterator)
+    if eval_batches_fn is None:
+      from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel,reimported
+      eval_batches_fn = functools.partial(pipeline.make_eval_iterator, config)
 
-  rng = jax.random.PRNGKey(tc.seed)
-  init_rng, step_rng, eval_rng, image_rng = jax.random.split(rng, 4)
-  example = fake_batch(config, tc.per_device_batch_size)  # shapes only, for init
-  params = jax.jit(task.init_params)(init_rng, example)  # eager init compiles op by op
-  tx = make_optimizer(tc, task.lr_scales)
-  state = TrainState.create(apply_fn=None, params=params, tx=tx)
-
-  ckpt = Checkpointer(workdir, max_to_keep=tc.max_to_keep)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(state)
-    if data_state and hasattr(train_iterator, 'set_state'):
-      train_iterator.set_state(data_state)
-    logging.info('resumed %s from step %d', workdir, start)
+    rng = jax.random.PRNGKey(tc.seed)
+    init_rng, step_rng, eval_rng, image_rng = jax.random.split(rng, 4)
+    say = (lambda m: print(m, flush=True)) if is_main else (lambda m: None)
+    state, start = restore_or_initialize(ckpt, create_train_state(config, task, init_rng), task,
+                                         train_iterator, say)
     if is_main:
-      print(f'Resuming from checkpoint at step {start} in {ckpt.directory}', flush=True)
-  else:
-    state = state.replace(params=task.prepare_params(state.params))
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=1)
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump(config.to_dict(), f, indent=1)
 
-  writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-  progress = Progress(tc.num_train_steps, start, enabled=is_main)
-  schedule = learning_rate_schedule(tc)
-  p_train = jax.pmap(functools.partial(train_step, loss_fn=task.loss_fn), axis_name='batch',
-                     donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(eval_step, loss_fn=task.loss_fn), axis_name='batch')
-  rstate = _replicate(state)
-  r_step_rng = _replicate(step_rng)
-  r_eval_rng = _replicate(eval_rng)
-  del state
+    writer = stack.enter_context(contextlib.closing(
+        MetricWriter(workdir, enabled=is_main, resume_step=start)))
+    progress = stack.enter_context(contextlib.closing(
+        Progress(tc.num_train_steps, start, task.headline, enabled=is_main, desc=task.name)))
+    run = _Run(
+        config=config, task=task, ckpt=ckpt, writer=writer, progress=progress,
+        train_iterator=train_iterator, eval_batches_fn=eval_batches_fn, on_log=on_log,
+        is_main=is_main,
+        p_train=jax.pmap(functools.partial(train_step, loss_fn=task.loss_fn), axis_name='batch',
+                         donate_argnums=(0,)),
+        p_eval=jax.pmap(functools.partial(eval_step, loss_fn=task.loss_fn), axis_name='batch'),
+        rstate=_replicate(state), step_rng=_replicate(step_rng),
+        eval_rng=_replicate(eval_rng), image_rng=image_rng)
+    del state
 
-  last: dict[str, float] = {}
-  last_eval: dict[str, float] = {}
-  last_checked = start
-  t_log, s_log = time.time(), start
-
-  def data_state():
-    return train_iterator.get_state() if hasattr(train_iterator, 'get_state') else None
-
-  def check_finite(step, metrics):
-    nonlocal last_checked
-    if not np.isfinite(metrics['loss']):
-      raise NonFiniteLossError(
-          f'non-finite loss ({metrics["loss"]}) between steps {last_checked + 1} and {step}; '
-          f'the last good checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is kept')
-    last_checked = step
-
-  def save(step, metrics):
-    check_finite(step, _host_scalars(metrics))
-    ckpt.save(step, jax_utils.unreplicate(rstate), data_state(), force=True)
-
-  def run_eval(step):
-    nonlocal last_eval
-    last_eval = evaluate(task, p_eval, rstate.params, r_eval_rng, eval_batches_fn(),
-                         tc.eval_batches)
-    if last_eval:
-      writer.scalars(step, last_eval, prefix='eval_')
-      if on_log is not None and is_main:
-        on_log(step, {f'eval_{k}': v for k, v in last_eval.items()})
-      if is_main:
-        print(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()),
-              flush=True)
-
-  # Whatever ends the loop (done, SIGTERM, NaN, an exception), pending asynchronous saves are
-  # finished so the last good checkpoint is complete on disk.
-  try:
-    with _Preemption() as preemption:
-      metrics = None
-      if start == 0 and tc.eval_every_steps:
-        run_eval(0)  # the baseline that later evals are compared with
-      step = start
-      for step in range(start + 1, tc.num_train_steps + 1):
-        batch = _numeric(next(train_iterator))
-        rstate, metrics = p_train(rstate, batch, r_step_rng)
-        if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
-          last = _host_scalars(metrics)
-          check_finite(step, last)
-          now = time.time()
-          last['steps_per_second'] = (step - s_log) / max(now - t_log, 1e-9)
-          last['samples_per_second'] = last['steps_per_second'] * tc.per_device_batch_size * (
-              jax.device_count())
-          last['learning_rate'] = float(schedule(step - 1))
-          t_log, s_log = now, step
-          writer.scalars(step, last)
-          progress.print(step, last)
-          if on_log is not None and is_main:
-            on_log(step, dict(last))
-        if task.render_images is not None and is_main and tc.image_every_steps and (
-            step % tc.image_every_steps == 0 or step == tc.num_train_steps):
-          params0 = jax.device_get(jax_utils.unreplicate(rstate.params))
-          batch0 = {k: v[0] for k, v in batch.items()}
-          writer.images(step, task.render_images(params0, batch0, image_rng))
-        if tc.eval_every_steps and step % tc.eval_every_steps == 0:
-          run_eval(step)
-        if step % tc.checkpoint_every_steps == 0 or preemption.requested:
-          save(step, metrics)
-        if preemption.requested:
-          ckpt.wait()
-          if is_main:
-            print(f'SIGTERM: saved checkpoint at step {step}; exiting', flush=True)
-          result = dict(last, preempted_at_step=step)
-          return (result, jax.device_get(jax_utils.unreplicate(rstate))) if return_state else result
-      if metrics is not None:
-        if ckpt.latest_step() != step:
-          save(step, metrics)
-        if not tc.eval_every_steps or step % tc.eval_every_steps:
-          run_eval(step)
-  finally:
-    ckpt.close()
-    writer.close()
-  result = dict(last, **{f'eval_{k}': v for k, v in last_eval.items()})
-  return (result, jax.device_get(jax_utils.unreplicate(rstate))) if return_state else result
+    if start == 0 and tc.eval_every_steps:
+      run.evaluate(0)  # the baseline that later evals are compared with
+    preempted_at = run.train(start, preemption)
+    metrics = dict(run.last)
+    if preempted_at is not None:
+      metrics['preempted_at_step'] = preempted_at
+    elif start < tc.num_train_steps and not _due(tc.num_train_steps, tc.eval_every_steps):
+      run.evaluate(tc.num_train_steps)  # the final eval, unless the periodic one just ran
+    ckpt.wait()
+    metrics.update({f'eval_{k}': v for k, v in run.last_eval.items()})
+    return TrainResult(jax.device_get(jax_utils.unreplicate(run.rstate)), metrics)

@@ -1,7 +1,8 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files, PNG images, console progress.
+"""Where metrics go: metrics.jsonl, TensorBoard (tensorboardX), PNG images, a tqdm progress bar.
 
-Event files are written with tensorboard's record framing and protos directly: its
-EventFileWriter would import TensorFlow through tensorboard.compat (seconds at start-up).
+metrics.jsonl (one JSON object per line: 'step', 'time' and the metric names, eval metrics
+prefixed 'eval_') is what other code and the docs read; its keys do not change. tensorboardX
+writes the event files without importing TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -26,28 +27,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
   return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-class _EventFile:
-  """A TensorBoard event file (TFRecord framing of tensorboard Event protos), no TensorFlow."""
-
-  def __init__(self, logdir: str):
-    import socket  # pylint: disable=import-outside-toplevel
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
-    os.makedirs(logdir, exist_ok=True)
-    name = f'events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}'
-    self._writer = RecordWriter(open(os.path.join(logdir, name), 'wb'))
-    self.add_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
-
-  def add_event(self, event) -> None:
-    self._writer.write(event.SerializeToString())
-
-  def flush(self) -> None:
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
 class MetricWriter:
   """Writes scalars (jsonl + TensorBoard) and images (PNG + TensorBoard) of process 0."""
 
@@ -58,9 +37,13 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     os.makedirs(os.path.join(workdir, 'images'), exist_ok=True)
     self._truncate_after(resume_step)
-    self._tb = _EventFile(os.path.join(workdir, 'tensorboard'))
+    # purge_step: TensorBoard hides the events an earlier (killed) run logged after the
+    # checkpoint this run resumed from; they are logged again.
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                             purge_step=resume_step or None, flush_secs=30)
 
   def _truncate_after(self, step: int) -> None:
     """On resume, drops lines logged after the restored checkpoint; they will be re-logged."""
@@ -81,60 +64,77 @@ class MetricWriter:
     record.update({f'{prefix}{k}': float(v) for k, v in values.items()})
     with open(self.jsonl, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    self._event(step, [summary_pb2.Summary.Value(tag=f'{prefix}{k}', simple_value=float(v))
-                       for k, v in values.items()])
-
-  def _event(self, step: int, values: list) -> None:
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                       summary=summary_pb2.Summary(value=values)))
+    for k, v in values.items():
+      self._tb.add_scalar(f'{prefix}{k}', float(v), int(step))
     self._tb.flush()
 
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> list[str]:
     """Writes each image as PNG under workdir/images/ and to TensorBoard; returns the paths."""
     if not self.enabled:
       return []
-    import io  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    paths, values = [], []
+    paths = []
     for name, image in images.items():
       rgb = _to_uint8(image)
       path = os.path.join(self.workdir, 'images', f'{name}_{int(step):06d}.png')
       Image.fromarray(rgb).save(path)
       paths.append(path)
-      buf = io.BytesIO()
-      Image.fromarray(rgb).save(buf, format='PNG')
-      values.append(summary_pb2.Summary.Value(tag=name, image=summary_pb2.Summary.Image(
-          height=rgb.shape[0], width=rgb.shape[1], colorspace=3,
-          encoded_image_string=buf.getvalue())))
-    self._event(step, values)
+      self._tb.add_image(name, rgb, int(step), dataformats='HWC')
+    self._tb.flush()
     return paths
 
   def close(self) -> None:
+    """Flushes and closes the event file (joins tensorboardX's writer thread)."""
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 class Progress:
-  """Console progress lines: step, loss, steps/s, ETA."""
+  """A tqdm bar over the train steps (rate, ETA); its postfix shows the task's headline metrics.
 
-  def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
-    self.total, self.enabled = total_steps, enabled
-    self._t0, self._s0 = time.time(), start_step
+  `headline` names metrics: each is shown from the latest train log when the train metrics have
+  it, and as 'eval_<name>' from the latest eval. Messages go through tqdm.write (stdout), so they
+  do not tear the bar (stderr).
+  """
 
-  def line(self, step: int, metrics: Mapping[str, float]) -> str:
-    elapsed = max(time.time() - self._t0, 1e-9)
-    rate = (step - self._s0) / elapsed
-    eta = (self.total - step) / rate if rate > 0 else float('nan')
-    eta_s = f'{int(eta // 60)}m{int(eta % 60):02d}s' if np.isfinite(eta) else '?'
-    parts = [f'step {step}/{self.total}', f'loss {metrics.get("loss", float("nan")):.4f}']
-    parts += [f'{k} {metrics[k]:.3f}' for k in ('perspective_psnr', 'bev_psnr', 'miou')
-              if k in metrics]
-    parts += [f'{rate:.2f} steps/s', f'ETA {eta_s}']
-    return ' | '.join(parts)
+  def __init__(self, total_steps: int, start_step: int, headline: Sequence[str],
+               enabled: bool = True, desc: str = ''):
+    import tqdm  # pylint: disable=import-outside-toplevel
+    self._tqdm = tqdm
+    self.headline = tuple(headline)
+    self.enabled = enabled
+    self.postfix: dict[str, str] = {}
+    # Redirected to a file, a bar redrawn ten times a second is a log of carriage returns.
+    interactive = getattr(sys.stderr, 'isatty', lambda: False)()
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=desc, unit='step',
+                          disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                          mininterval=0.1 if interactive else 10.0)
 
-  def print(self, step: int, metrics: Mapping[str, float]) -> None:
+  def advance(self, step: int) -> None:
+    """The bar now stands at `step` (steps done)."""
+    if self.enabled and step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+
+  def _show(self, metrics: Mapping[str, float], prefix: str) -> None:
+    for name in self.headline:
+      if name in metrics:
+        self.postfix[prefix + name] = f'{float(metrics[name]):.4g}'
     if self.enabled:
-      print(self.line(step, metrics), flush=True, file=sys.stdout)
+      self._bar.set_postfix(self.postfix, refresh=False)
+
+  def train(self, step: int, metrics: Mapping[str, float]) -> None:
+    self.advance(step)
+    self._show(metrics, '')
+
+  def eval(self, step: int, metrics: Mapping[str, float]) -> None:
+    self._show(metrics, 'eval_')
+    self.write(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+
+  def write(self, message: str) -> None:
+    if self.enabled:
+      self._tqdm.tqdm.write(message, file=sys.stdout)
+      sys.stdout.flush()
+
+  def close(self) -> None:
+    self._bar.close()

@@ -2,7 +2,7 @@
 
 Pre-training and fine-tuning share one loop (loop.py); each provides a Task: how to build the
 model and initialise (or restore) its params, the per-example loss, how to summarise summed eval
-statistics and which images to draw.
+statistics, which images to draw, which data to read and which metrics head the progress bar.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def mean_summary(sums: Mapping[str, np.ndarray]) -> dict[str, float]:
 @dataclasses.dataclass
 class Task:
   """A trainable model: see module docstring. All callables are pure except `prepare_params`."""
-  name: str
-  model: Any
+  name: str  # shown in the progress bar
+  model: Any  # the flax module (for callers: notebooks, benchmarks); the loop uses the callables
   # (rng, example batch [B, ...]) -> params
   init_params: Callable[[jax.Array, dict], Params]
   # (params, batch [1, ...], rng, train) -> (loss, {'metrics': {name: scalar or array}})
@@ -40,7 +40,7 @@ class Task:
   prepare_params: Callable[[Params], Params] = lambda p: p
   # keyword arguments for nsmae_jax.data.pipeline.make_train_iterator (e.g. label_fraction)
   train_data_kwargs: dict = dataclasses.field(default_factory=dict)
-  # which eval metric is the headline in the console line
-  headline: str = 'loss'
+  # metric names shown in the progress bar: from the train logs and, as eval_<name>, the evals
+  headline: tuple[str, ...] = ('loss',)
   # params -> prefix tree of learning-rate multipliers (nsmae_jax.train.optim); None = all 1
   lr_scales: Callable[[Params], Any] | None = None
