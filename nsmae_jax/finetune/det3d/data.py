@@ -33,8 +33,8 @@ def _split_metadata(data_config, split: str) -> tuple[dict, ...]:
   out = []
   try:
     for i in range(len(index)):
-      ex = features.deserialize_example(index.read(i))
-      token = ex['token'].numpy()
+      ex = features.deserialize_example_np(index.read(i))  # NumPy decoding, no TensorFlow
+      token = ex['token']
       out.append({'token': token.decode() if isinstance(token, bytes) else str(token),
                   'lidar2ego': np.asarray(ex['lidar2ego'], np.float64),
                   'ego2global': np.asarray(ex['ego2global'], np.float64),

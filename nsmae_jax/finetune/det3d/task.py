@@ -181,7 +181,7 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
               lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
               train_data_kwargs=dict(label_fraction=fc.label_fraction,
                                      subset_seed=fc.subset_seed),
-              headline='nds')
+              headline=('loss', 'nds'))
 
 
 def predict_fn(config: Config) -> Any:
