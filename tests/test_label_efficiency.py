@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -32,6 +31,8 @@ def test_plan_is_seed_major_with_ablations_last():
 @pytest.fixture
 def fake_training(monkeypatch):
   """Replaces pre-training and fine-tuning by instant fakes that record their configs."""
+  import experiments.finetune_bevseg as ft  # pylint: disable=import-outside-toplevel
+  import nsmae_jax.train as train  # pylint: disable=import-outside-toplevel
   calls = {'pretrain': [], 'finetune': []}
 
   def save_config(config, workdir):  # as the training loop does when a job starts
@@ -43,7 +44,7 @@ def fake_training(monkeypatch):
     del task  # the pre-training task the runner built
     calls['pretrain'].append(config)
     save_config(config, workdir)
-    return types.SimpleNamespace(state=None, metrics={'loss': 1.0})  # train's TrainResult
+    return train.TrainResult(state=None, metrics={'loss': 1.0})
 
   def fake_finetune(config, workdir):
     calls['finetune'].append(config)
@@ -55,8 +56,6 @@ def fake_training(monkeypatch):
       json.dump(result, f)
     return result
 
-  import experiments.finetune_bevseg as ft  # pylint: disable=import-outside-toplevel
-  import nsmae_jax.train as train  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(ft, 'finetune', fake_finetune)
   monkeypatch.setattr(train, 'train_and_evaluate', fake_pretrain)
   return calls
@@ -71,6 +70,9 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   assert len(rows) == 8
   assert len(fake_training['pretrain']) == 1
   assert fake_training['pretrain'][0].train.num_train_steps == 50
+  # done.json marks the pre-training finished and keeps its metrics (TrainResult.metrics).
+  with open(os.path.join(le.pretrain_dir(str(tmp_path / 'res')), 'done.json')) as f:
+    assert json.load(f)['loss'] == 1.0
   ft = fake_training['finetune']
   assert len(ft) == 8
   # Same steps at every fraction; whole val split; scratch loads nothing.
