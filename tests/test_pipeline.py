@@ -44,6 +44,7 @@ def _fake_record(config, index: int, rng: np.random.Generator) -> dict:
 def build_fake_dataset(config, counts: dict[str, int]) -> None:
   """Writes fake records and builds nuscenes_nsmae from them with the real Builder."""
   from data_prep.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
+  from data_prep.nuscenes_nsmae import record_io
   rng = np.random.default_rng(0)
   records = naming.record_dir(config.data.data_dir, config.data)
   tokens, start = {}, 0
@@ -53,8 +54,7 @@ def build_fake_dataset(config, counts: dict[str, int]) -> None:
     for i in range(count):
       rec = _fake_record(config, start + i, rng)
       tokens[split].append(rec['token'])
-      with open(naming.record_path(records, split, i, rec['token']), 'wb') as f:
-        pickle.dump(rec, f)
+      record_io.save_record(naming.record_path(records, split, rec['token']), rec)
     start += count
   builder = builder_lib.Builder(config=builder_lib.builder_config(config.data),
                                 data_dir=config.data.data_dir, record_dir=records, splits=tokens)
@@ -134,15 +134,72 @@ def test_restored_iterator_continues_identically(fake_config):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_state_of_another_order_is_refused(fake_config):
+  from nsmae_jax.data.pipeline import make_train_iterator
+  kw = dict(num_local_devices=2, process_index=0, process_count=1)
+  it = make_train_iterator(fake_config, **kw)
+  next(it)
+  state = it.get_state()
+  with pytest.raises(ValueError, match='seed=0'):
+    make_train_iterator(fake_config.replace(seed=1), **kw).set_state(state)
+  with pytest.raises(ValueError, match='local_batch=4'):
+    make_train_iterator(fake_config, num_local_devices=1, process_index=0,
+                        process_count=1).set_state(state)
+  with pytest.raises(ValueError, match='num_examples=11'):
+    make_train_iterator(fake_config, label_fraction=0.5, **kw).set_state(state)
+
+
+def test_close_then_next_continues(fake_config):
+  from nsmae_jax.data.pipeline import make_train_iterator
+  kw = dict(num_local_devices=1, process_index=0, process_count=1)
+  want = [_ids(b).ravel() for b, _ in zip(make_train_iterator(fake_config, **kw), range(4))]
+  it = make_train_iterator(fake_config, **kw)
+  got = [_ids(next(it)).ravel() for _ in range(2)]
+  it.close()  # releases grain's threads; the position is kept
+  got += [_ids(next(it)).ravel() for _ in range(2)]
+  np.testing.assert_array_equal(np.concatenate(got), np.concatenate(want))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(fake_config):
+  import json
+  from nsmae_jax.data.pipeline import make_train_iterator
+  kw = dict(num_local_devices=2, process_index=0, process_count=1)
+  plain = make_train_iterator(fake_config, **kw)
+  want = [next(plain) for _ in range(5)]
+  workers = make_train_iterator(fake_config, num_workers=2, **kw)
+  try:
+    for expected in want[:2]:
+      got = next(workers)
+      for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    state = json.loads(json.dumps(workers.get_state()))
+  finally:
+    workers.close()
+  resumed = make_train_iterator(fake_config, num_workers=2, **kw)
+  try:
+    resumed.set_state(state)
+    for expected in want[2:]:
+      got = next(resumed)
+      for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+  finally:
+    resumed.close()
+  with pytest.raises(ValueError, match='num_workers'):
+    make_train_iterator(fake_config, **kw).set_state(state)
+
+
 def test_processes_split_the_stream(fake_config):
   from nsmae_jax.data.pipeline import make_train_iterator
-  got = [np.concatenate([_ids(b).ravel() for b, _ in zip(
-      make_train_iterator(fake_config, num_local_devices=1, process_index=p, process_count=2),
-      range(3))]) for p in range(2)]
-  # Slots of both processes together form one epoch (11) + 1 of the next: no duplicates within
-  # the first epoch.
-  first = np.concatenate(got)
-  assert len(set(first)) >= NUM_TRAIN - 1 and len(first) == 12
+  def stream(p, count, batches):
+    it = make_train_iterator(fake_config, num_local_devices=1, process_index=p,
+                             process_count=count)
+    return np.concatenate([_ids(next(it)).ravel() for _ in range(batches)])
+  # Stream position q goes to process q % 2: the two processes partition one stream (two
+  # epochs here), so within an epoch they never see the same example.
+  whole = stream(0, 1, NUM_TRAIN)
+  np.testing.assert_array_equal(stream(0, 2, NUM_TRAIN // 2), whole[0:2 * NUM_TRAIN - 2:2])
+  np.testing.assert_array_equal(stream(1, 2, NUM_TRAIN // 2), whole[1:2 * NUM_TRAIN - 2:2])
 
 
 @pytest.mark.parametrize('process_count,devices', [(1, 2), (2, 1), (3, 2)])
@@ -166,8 +223,14 @@ def test_label_fraction_subset_is_seeded(fake_config):
     it = make_train_iterator(fake_config, label_fraction=0.4, subset_seed=seed,
                              num_local_devices=2, process_index=0, process_count=1)
     return set(np.concatenate([_ids(next(it)).ravel() for _ in range(4)]))
+  from nsmae_jax.data.pipeline import make_eval_iterator
+  from nsmae_jax.data.subsets import labelled_subset
   a = subset(0)
   assert len(a) == round(0.4 * NUM_TRAIN)
+  # The report's formula picks positions in the split's stored order (an eval pass).
+  stored = np.concatenate([_ids(b)[b['valid']] for b in make_eval_iterator(
+      fake_config, split='train', num_local_devices=1, process_index=0, process_count=1)])
+  assert a == set(stored[labelled_subset(NUM_TRAIN, 0.4, 0)])
   assert a == subset(0)
   assert a != subset(1)
 
@@ -210,5 +273,20 @@ def test_corrupt_shard_error_names_it(fake_config, tmp_path):
     for off, n in zip(index.offset, index.length):
       f.seek(int(off) + 10)
       f.write(b'\xff' * min(200, int(n) - 20))
-  with pytest.raises(ShardError, match=os.path.basename(shard)):
+  with pytest.raises(ShardError, match=os.path.basename(shard)) as error:
     list(make_eval_iterator(config, num_local_devices=1, process_index=0, process_count=1))
+  assert 'data CRC mismatch' in str(error.value)
+  assert index.check(0) == 'data CRC mismatch'
+
+
+def test_shard_index_checks_crcs_and_pickles(fake_config):
+  from nsmae_jax.data.shards import ShardIndex, masked_crc32c
+  from nsmae_jax.data.pipeline import open_split
+  # CRC-32C check value of '123456789' is 0xE3069283; TFRecord stores it masked.
+  crc = 0xE3069283
+  assert masked_crc32c(b'123456789') == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  index = ShardIndex(open_split(fake_config, 'train')[1])
+  assert len(index) == NUM_TRAIN
+  assert [index.check(i) for i in range(len(index))] == [None] * NUM_TRAIN  # TF's CRCs agree
+  copy = pickle.loads(pickle.dumps(index))
+  assert copy.read(3) == index.read(3) and copy.describe(3) == index.describe(3)

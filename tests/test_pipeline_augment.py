@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from helpers import tiny_config
 from nsmae_jax.data import augment
@@ -39,9 +38,10 @@ def _example(seed=0):
 
 
 def _apply(ex, theta, scale, fx, fy):
-  out = augment.apply_transform({k: tf.constant(v) for k, v in ex.items()}, theta, scale, fx, fy,
-                                E, R)
-  return {k: v.numpy() for k, v in out.items()}
+  out = augment.apply_transform(ex, theta, scale, fx, fy, E, R)
+  for key, value in out.items():  # dtypes are kept (float32 geometry, uint8 map)
+    assert value.dtype == ex[key].dtype, key
+  return out
 
 
 def _corners(boxes):

@@ -6,7 +6,8 @@ everything that lives in the LiDAR frame so the modalities stay consistent:
   for the same physical point; with s != 1 cam2lidar is a similarity, not a rigid motion);
 - boxes: centre -> A centre, sizes * s, yaw follows the flips and rotation, velocity -> A v;
 - bev_map: out[c, i, j] = in[c, nearest cell of A^-1 (cell centre (i, j))], 0 outside.
-Off by default (pre-training uses none); the pipeline seeds it per example.
+Off by default (pre-training uses none); the pipeline seeds it per example. NumPy only, so it
+runs in grain worker processes without TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import tensorflow as tf
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,60 +28,70 @@ class Augmentation:
   flip_y: bool = True  # y -> -y with probability 1/2
 
 
-def transform_matrix(theta, scale, flip_x, flip_y) -> tf.Tensor:
-  """float32 [3, 3] A = scale * Rz(theta) @ diag(flip_x, flip_y, 1) (flips are +-1)."""
-  theta, scale = tf.cast(theta, tf.float32), tf.cast(scale, tf.float32)
-  c, s = tf.cos(theta), tf.sin(theta)
-  rz = tf.stack([tf.stack([c, -s, 0.0]), tf.stack([s, c, 0.0]), tf.constant([0.0, 0.0, 1.0])])
-  flips = tf.linalg.diag(tf.stack([tf.cast(flip_x, tf.float32), tf.cast(flip_y, tf.float32),
-                                   1.0]))
-  return scale * rz @ flips
+def transform_matrix(theta: float, scale: float, flip_x: float, flip_y: float) -> np.ndarray:
+  """float64 [3, 3] A = scale * Rz(theta) @ diag(flip_x, flip_y, 1) (flips are +-1)."""
+  c, s = math.cos(theta), math.sin(theta)
+  rz = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+  return scale * rz @ np.diag([float(flip_x), float(flip_y), 1.0])
 
 
-def apply_transform(example: dict, theta, scale, flip_x, flip_y, half_extent: float,
-                    resolution: float) -> dict:
-  """Applies A (see transform_matrix) to the LiDAR-frame fields of one decoded record."""
+def apply_transform(example: dict, theta: float, scale: float, flip_x: float, flip_y: float,
+                    half_extent: float, resolution: float) -> dict:
+  """Applies A (see transform_matrix) to the LiDAR-frame fields of one decoded record.
+
+  Args:
+    example: numpy arrays, LiDAR frame: points [N, 5], cam2lidar [6, 4, 4], boxes [M, 9]
+      (x, y, z, l, w, h, yaw, vx, vy), bev_map [C, n, n] indexed [x, y]; other keys pass.
+    theta, scale, flip_x, flip_y: the transform (flips are +-1).
+    half_extent, resolution: the BEV grid of bev_map (m).
+
+  Returns:
+    A new dict with the transformed fields in their input dtypes (float32 geometry).
+  """
   a = transform_matrix(theta, scale, flip_x, flip_y)
   out = dict(example)
   points = example['points']
-  out['points'] = tf.concat([points[:, :3] @ tf.transpose(a), points[:, 3:]], axis=1)
-  a4 = tf.pad(a, [[0, 1], [0, 1]]) + tf.pad([[1.0]], [[3, 0], [3, 0]])
-  out['cam2lidar'] = tf.einsum('ij,kjl->kil', a4, example['cam2lidar'])
+  out['points'] = np.concatenate([points[:, :3] @ a.T, points[:, 3:]], axis=1).astype(
+      points.dtype)
+  a4 = np.eye(4)
+  a4[:3, :3] = a
+  out['cam2lidar'] = np.einsum('ij,kjl->kil', a4, example['cam2lidar']).astype(
+      example['cam2lidar'].dtype)
   boxes = example['boxes']
-  fx, fy = tf.cast(flip_x, tf.float32), tf.cast(flip_y, tf.float32)
-  centre = boxes[:, :3] @ tf.transpose(a)
-  size = boxes[:, 3:6] * tf.cast(scale, tf.float32)
+  centre = boxes[:, :3] @ a.T
+  size = boxes[:, 3:6] * scale
   # The length axis (cos y, sin y) becomes (fx cos y, fy sin y), then rotates by theta.
-  yaw = boxes[:, 6:7]
-  yaw = tf.atan2(fy * tf.sin(yaw), fx * tf.cos(yaw)) + tf.cast(theta, tf.float32)
-  yaw = tf.math.floormod(yaw + math.pi, 2 * math.pi) - math.pi
-  vel = tf.concat([boxes[:, 7:9], tf.zeros_like(boxes[:, 7:8])], axis=1) @ tf.transpose(a)
-  out['boxes'] = tf.concat([centre, size, yaw, vel[:, :2]], axis=1)
+  yaw = boxes[:, 6:7].astype(np.float64)
+  yaw = np.arctan2(flip_y * np.sin(yaw), flip_x * np.cos(yaw)) + theta
+  yaw = np.mod(yaw + math.pi, 2 * math.pi) - math.pi
+  vel = boxes[:, 7:9] @ a[:2, :2].T  # A keeps z apart, so planar velocity maps by its 2x2 block
+  out['boxes'] = np.concatenate([centre, size, yaw, vel], axis=1).astype(boxes.dtype)
   out['bev_map'] = _warp_bev(example['bev_map'], a[:2, :2], half_extent, resolution)
   return out
 
 
-def _warp_bev(bev: tf.Tensor, a2: tf.Tensor, half_extent: float, resolution: float) -> tf.Tensor:
+def _warp_bev(bev: np.ndarray, a2: np.ndarray, half_extent: float,
+              resolution: float) -> np.ndarray:
   """bev [C, n, n] indexed [x, y] -> nearest-neighbour resample at A^-1 of each cell centre."""
-  n = tf.shape(bev)[1]
-  centres = -half_extent + (tf.cast(tf.range(n), tf.float32) + 0.5) * resolution
-  gx, gy = tf.meshgrid(centres, centres, indexing='ij')
-  xy = tf.stack([tf.reshape(gx, [-1]), tf.reshape(gy, [-1])], axis=1)  # [n*n, 2]
-  src = xy @ tf.transpose(tf.linalg.inv(a2))
-  idx = tf.cast(tf.floor((src + half_extent) / resolution), tf.int32)
-  inside = tf.reduce_all((idx >= 0) & (idx < n), axis=1)
-  idx = tf.clip_by_value(idx, 0, n - 1)
-  values = tf.gather_nd(tf.transpose(bev, [1, 2, 0]), idx)  # [n*n, C]
-  values = tf.where(inside[:, None], values, tf.zeros_like(values))
-  return tf.transpose(tf.reshape(values, [n, n, -1]), [2, 0, 1])
+  n = bev.shape[1]
+  centres = -half_extent + (np.arange(n) + 0.5) * resolution
+  gx, gy = np.meshgrid(centres, centres, indexing='ij')
+  xy = np.stack([gx.ravel(), gy.ravel()], axis=1)  # [n*n, 2]
+  src = xy @ np.linalg.inv(a2).T
+  idx = np.floor((src + half_extent) / resolution).astype(np.int64)
+  inside = np.all((idx >= 0) & (idx < n), axis=1)
+  idx = np.clip(idx, 0, n - 1)
+  values = bev[:, idx[:, 0], idx[:, 1]]  # [C, n*n]
+  values = np.where(inside[None], values, np.zeros_like(values))
+  return values.reshape(bev.shape)
 
 
-def random_global_transform(example: dict, aug: Augmentation, config, seed: tf.Tensor) -> dict:
-  """Draws (theta, scale, flips) from `seed` ([2] int) and applies them (see module doc)."""
-  u = tf.random.stateless_uniform([4], seed=seed)
+def random_global_transform(example: dict, aug: Augmentation, half_extent: float,
+                            resolution: float, rng: np.random.Generator) -> dict:
+  """Draws (theta, scale, flips) from `rng` and applies them (see module doc)."""
+  u = rng.uniform(size=4)
   theta = (2.0 * u[0] - 1.0) * aug.max_rotation
   scale = aug.min_scale + u[1] * (aug.max_scale - aug.min_scale)
-  flip_x = tf.where((u[2] < 0.5) & aug.flip_x, -1.0, 1.0)
-  flip_y = tf.where((u[3] < 0.5) & aug.flip_y, -1.0, 1.0)
-  return apply_transform(example, theta, scale, flip_x, flip_y, config.data.bev_half_extent,
-                         config.data.bev_resolution)
+  flip_x = -1.0 if (u[2] < 0.5 and aug.flip_x) else 1.0
+  flip_y = -1.0 if (u[3] < 0.5 and aug.flip_y) else 1.0
+  return apply_transform(example, theta, scale, flip_x, flip_y, half_extent, resolution)
