@@ -164,18 +164,22 @@ def bench_lidar(config, point_counts) -> dict:
 
 
 def bench_pipeline(config, batches: int) -> float | None:
-  """Examples/s from the tf.data pipeline, or None when the dataset is not converted."""
+  """Examples/s from the grain input pipeline (after its first batch), or None when the dataset
+  is not converted."""
   from data_prep import prepare  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   if not prepare.dataset_exists(config):
     return None
   it = pipeline.make_train_iterator(config)
-  first = next(it)
-  n_per = int(first['images'].shape[0] * first['images'].shape[1])
-  t = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  return batches * n_per / (time.perf_counter() - t)
+  try:
+    first = next(it)
+    n_per = int(first['images'].shape[0] * first['images'].shape[1])
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * n_per / (time.perf_counter() - t)
+  finally:
+    it.close()
 
 
 def param_counts(config) -> dict:
