@@ -20,6 +20,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from nsmae_jax.train.integrity import verify_step, write_manifest
+from nsmae_jax.train.integrity import MANIFEST, verify_step, write_manifest
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
@@ -122,8 +123,9 @@ def _sync(name: str) -> None:
 class Checkpointer:
   """One CheckpointManager for a run's workdir, with integrity manifests and clear errors.
 
-  Call poll() once per train step: when an asynchronous save has finished, it writes that step's
-  manifest (so a kill -9 loses at most the steps since then). save(), wait() and close() raise
+  A step's manifest is written as soon as its asynchronous save has finished, by a small thread
+  that waits for it, so the step counts as good even while the loop is busy (a kill -9 then
+  loses nothing saved). poll() (once per train step), save(), wait() and close() raise
   CheckpointWriteError naming the directory when a save failed.
   """
 
@@ -138,6 +140,8 @@ class Checkpointer:
                                           item_names=('state', 'data'))
     self._unverified: list[int] = []  # saved by this run; no manifest yet
     self._failed: CheckpointWriteError | None = None
+    self._manifest_lock = threading.Lock()
+    self._watchers: list[threading.Thread] = []
 
   def latest_step(self) -> int | None:
     """The newest step orbax lists (verified or not; see restore_latest)."""
@@ -159,9 +163,33 @@ class Checkpointer:
       raise self._fail(e, step) from None
     if saved:
       self._unverified.append(step)
+      if self._async and _is_primary():
+        watcher = threading.Thread(target=self._manifest_when_saved, args=(step,),
+                                   name=f'checkpoint-manifest-{step}', daemon=True)
+        watcher.start()
+        self._watchers = [w for w in self._watchers if w.is_alive()] + [watcher]
     if not self._async:
       self._settle()
     return saved
+
+  def _manifest_when_saved(self, step: int) -> None:
+    """Watcher thread: once orbax is done, the manifest of `step` if it was finalised.
+
+    A failed save leaves no final step directory (orbax renames only complete ones): nothing to
+    do here; the main thread reports the error at its next poll/save/wait.
+    """
+    while self._manager.is_saving_in_progress():
+      time.sleep(0.05)
+    try:
+      self._write_manifest(step)
+    except OSError as e:  # e.g. the disk filled up meanwhile; _settle retries and reports
+      logging.info('manifest of step %d not written yet: %s', step, e)
+
+  def _write_manifest(self, step: int) -> None:
+    step_dir = os.path.join(self.directory, str(step))
+    with self._manifest_lock:
+      if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, MANIFEST)):
+        write_manifest(step_dir)
 
   def poll(self) -> None:
     """Writes the manifest of a finished asynchronous save; never blocks on one in progress."""
@@ -178,6 +206,9 @@ class Checkpointer:
       if self._failed is None:
         self._settle()
     finally:
+      for watcher in self._watchers:
+        watcher.join()
+      self._watchers = []
       try:
         self._manager.close()
       except Exception as e:  # pylint: disable=broad-except
@@ -192,10 +223,11 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._fail(e, self._unverified[-1] if self._unverified else None) from None
     if _is_primary():
-      for step in self._unverified:
-        step_dir = os.path.join(self.directory, str(step))
-        if os.path.isdir(step_dir):  # else already removed by max_to_keep
-          write_manifest(step_dir)
+      for step in self._unverified:  # (a step removed by max_to_keep meanwhile is skipped)
+        try:
+          self._write_manifest(step)
+        except OSError as e:
+          raise self._fail(e, step) from None
     self._unverified = []
 
   def _fail(self, error: BaseException, step: int | None) -> CheckpointWriteError:

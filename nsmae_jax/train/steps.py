@@ -5,7 +5,7 @@ rng and the example's *global* index (device index x per-device batch + position
 and rays an example sees do not depend on how the global batch is split over devices: 1 device
 with batch 2 and 2 devices with batch 1 follow the same trajectory. Gradients and metrics are
 averaged with `lax.pmean(..., axis_name='batch')`; wrap the step with `jax.pmap(...,
-axis_name='batch')` (see `parallel.py`) or with shard_map over a mesh axis of the same name.
+axis_name='batch')` (loop.py does) or with shard_map over a mesh axis of the same name.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: LossF
   grads = jax.lax.pmean(grads, AXIS)
   metrics = jax.tree_util.tree_map(jnp.mean, aux['metrics'])
   metrics['loss'] = loss
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)  # global L2 norm (global_norm is deprecated)
   metrics = jax.lax.pmean(metrics, AXIS)
   return state.apply_gradients(grads=grads), metrics
 
