@@ -1,6 +1,7 @@
 """Runs the training loop on the toy task in its own process (multi-device/multi-host tests).
 
-  python tests/run_toy.py WORKDIR STEPS [--devices N] [--kill_at K] [--term_at K]
+  python tests/run_toy.py WORKDIR STEPS [--devices N] [--kill_at K] [--term_at K [--term_count C]]
+      [--term_in_save S] [--width W] [--batch_sleep T]
       [--process_id I --num_processes N --port P]
 
 Prints one JSON line: the final metrics and a fingerprint of the final params.
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 parser = argparse.ArgumentParser()
 parser.add_argument('workdir')
@@ -19,6 +21,11 @@ parser.add_argument('--devices', type=int, default=1)
 parser.add_argument('--per_device', type=int, default=1)
 parser.add_argument('--kill_at', type=int, default=-1)
 parser.add_argument('--term_at', type=int, default=-1)
+parser.add_argument('--term_count', type=int, default=1, help='SIGTERMs sent at --term_at')
+parser.add_argument('--term_in_save', type=int, default=-1,
+                    help='send two SIGTERMs while the save of this step is being written')
+parser.add_argument('--width', type=int, default=16, help='hidden units of the toy model')
+parser.add_argument('--batch_sleep', type=float, default=0.0, help='seconds per batch (slow run)')
 parser.add_argument('--process_id', type=int, default=0)
 parser.add_argument('--num_processes', type=int, default=1)
 parser.add_argument('--port', type=int, default=0)
@@ -36,11 +43,10 @@ from nsmae_jax.train import train_and_evaluate  # noqa: E402
 
 
 def _wait_for_checkpoint(workdir, step, timeout=120.0):
-  """Waits until the asynchronous save of `step` has been finalised (renamed into place)."""
-  import time  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, 'checkpoints', str(step))
+  """Waits until the save of `step` is complete: finalised and its manifest written."""
+  path = os.path.join(workdir, 'checkpoints', str(step), 'manifest.json')
   deadline = time.time() + timeout
-  while not os.path.isdir(path) and time.time() < deadline:
+  while not os.path.exists(path) and time.time() < deadline:
     time.sleep(0.05)
 
 
@@ -55,8 +61,26 @@ class Interrupting(FakeIterator):
     if self.index == self.at:
       if self.sig == signal.SIGKILL:
         _wait_for_checkpoint(args.workdir, 3)
-      os.kill(os.getpid(), self.sig)
+      for _ in range(args.term_count if self.sig == signal.SIGTERM else 1):
+        os.kill(os.getpid(), self.sig)
+    if args.batch_sleep:
+      time.sleep(args.batch_sleep)
     return super().__next__()
+
+
+if args.term_in_save >= 0:
+  import orbax.checkpoint as ocp  # noqa: E402
+  _orbax_save = ocp.CheckpointManager.save
+
+  def _save_then_terminate(self, step, *a, **kw):
+    """Two SIGTERMs while orbax writes `step` in the background (after its save() returns)."""
+    saved = _orbax_save(self, step, *a, **kw)
+    if step == args.term_in_save:
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return saved
+
+  ocp.CheckpointManager.save = _save_then_terminate
 
 
 overrides = dict(num_train_steps=args.steps, per_device_batch_size=args.per_device,
@@ -74,10 +98,9 @@ if args.num_processes > 1:
 # Each process reads its own part of the global batch: a different seed per process.
 iterator = Interrupting(config, jax.local_device_count(), seed=args.process_id, at=at, sig=sig)
 eval_config = config
-metrics, state = train_and_evaluate(
-    config, args.workdir, task=toy_task(), train_iterator=iterator,
-    eval_batches_fn=lambda: iter([next(FakeIterator(eval_config, jax.local_device_count(), 9))]),
-    return_state=True)
+state, metrics = train_and_evaluate(
+    config, args.workdir, task=toy_task(width=args.width), train_iterator=iterator,
+    eval_batches_fn=lambda: iter([next(FakeIterator(eval_config, jax.local_device_count(), 9))]))
 leaves = jax.tree_util.tree_leaves(state.params)
 print(json.dumps({'metrics': metrics, 'step': int(state.step),
                   'fingerprint': [float(np.sum(np.abs(x))) for x in leaves],

@@ -1,5 +1,7 @@
 """The training loop's guarantees, on a toy task: parallel equivalence, multi-host, exact resume
-after kill -9, SIGTERM checkpointing, the non-finite-loss guard."""
+after kill -9 (taking over the dead run's lock), SIGTERM checkpointing, the non-finite-loss guard,
+a prompt exit. Damaged checkpoints, a full disk, repeated SIGTERMs and concurrent runs:
+test_train_faults.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,6 +46,7 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_two_devices_follow_one_device_at_the_same_global_batch(tmp_path):
@@ -59,6 +65,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 @pytest.mark.timeout(300)
 def test_two_processes_end_with_identical_params(tmp_path):
@@ -78,6 +85,7 @@ def test_two_processes_end_with_identical_params(tmp_path):
   assert Checkpointer(str(tmp_path / 'w')).latest_step() == 5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_9_then_same_command_resumes_exactly(tmp_path):
   reference = tmp_path / 'reference'
@@ -86,14 +94,22 @@ def test_kill_9_then_same_command_resumes_exactly(tmp_path):
   proc = _run(killed, 8, '--kill_at', 5, check=False)
   assert proc.returncode == -9, proc.stderr
   assert Checkpointer(str(killed)).latest_step() == 3  # checkpoints every 3 steps
+  with open(killed / 'run.lock') as f:  # kill -9 left its lock behind: a dead pid, this host
+    lock = json.load(f)
+  assert lock['host'] == socket.gethostname()
+  with pytest.raises(ProcessLookupError):
+    os.kill(lock['pid'], 0)
   resumed = _run(killed, 8)
   assert 'Resuming from checkpoint at step 3' in resumed.stdout
+  assert 'taking over the stale lock' in resumed.stderr
+  assert not (killed / 'run.lock').exists()  # released at the end
   ref, got = _losses(reference), _losses(killed)
   assert sorted(got) == list(range(1, 9))  # no step lost, none duplicated
   for step in range(4, 9):
     assert got[step] == pytest.approx(ref[step], rel=1e-6), step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_saves_a_checkpoint_at_the_stopping_step(tmp_path):
   proc = _run(tmp_path / 'w', 20, '--term_at', 4)
@@ -101,6 +117,38 @@ def test_sigterm_saves_a_checkpoint_at_the_stopping_step(tmp_path):
   assert result['metrics']['preempted_at_step'] == 5  # the signal lands while fetching batch 5
   assert Checkpointer(str(tmp_path / 'w')).latest_step() == 5
   assert 'SIGTERM: saved checkpoint at step 5' in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_process_exits_within_5_s_of_its_last_checkpoint(tmp_path):
+  """Pending saves, writers and iterators are finished inside the loop: nothing is left for
+  interpreter teardown to wait on (orbax or tensorboardX threads, open iterators)."""
+  proc = subprocess.Popen([sys.executable, RUN_TOY, str(tmp_path / 'w'), '6'],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=os.path.dirname(HERE))
+  out, err = proc.communicate(timeout=240)
+  exited = time.time()
+  assert proc.returncode == 0, f'{out}\n{err}'
+  manifest = tmp_path / 'w' / 'checkpoints' / '6' / 'manifest.json'  # the last thing saved
+  assert exited - manifest.stat().st_mtime < 5.0
+
+
+def test_returns_host_state_and_leaves_no_threads_or_lock(tmp_path):
+  config = tiny_config(str(tmp_path), num_train_steps=3, log_every_steps=1,
+                       checkpoint_every_steps=2, eval_every_steps=0, image_every_steps=0)
+  before = {t.ident for t in threading.enumerate()}
+  iterator = FakeIterator(config, 2)
+  state, metrics = train_and_evaluate(config, config.train.workdir, toy_task(),
+                                      train_iterator=iterator,
+                                      eval_batches_fn=lambda: iter([next(FakeIterator(config, 2))]))
+  assert int(state.step) == 3 and iterator.index == 3
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(state.params))
+  assert np.isfinite(metrics['loss']) and np.isfinite(metrics['eval_loss'])
+  left = [t.name for t in threading.enumerate() if t.ident not in before and not t.daemon]
+  assert left == []
+  assert Checkpointer(config.train.workdir).all_steps() == [2, 3]
+  assert not os.path.exists(os.path.join(config.train.workdir, 'run.lock'))
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):

@@ -11,17 +11,18 @@ from nsmae_jax.train.task import Task
 
 class Toy(nn.Module):
   """Predicts the per-camera mean colour from a coarse view of the images."""
+  width: int = 16  # hidden units (a wide toy makes checkpoints of a few MB: disk-full tests)
 
   @nn.compact
   def __call__(self, batch, rng=None):
     x = batch['images'][:, :, ::8, ::8].reshape(batch['images'].shape[0], 6, -1)
     if rng is not None:  # a random "mask", so rng handling is part of what is tested
       x = x * jax.random.bernoulli(rng, 0.5, x.shape)
-    return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+    return nn.Dense(3)(nn.relu(nn.Dense(self.width)(x)))
 
 
-def toy_task(nan_after_step: int | None = None) -> Task:
-  model = Toy()
+def toy_task(nan_after_step: int | None = None, width: int = 16) -> Task:
+  model = Toy(width=width)
 
   def init_params(rng, batch):
     return model.init(rng, batch)['params']
