@@ -31,9 +31,8 @@ def finetune(config, workdir, **loop_kwargs):
   loop_kwargs go to train_and_evaluate (tests: train_iterator, eval_batches_fn).
   """
   loop_kwargs.setdefault('eval_batches_fn', det3d_eval_batches(config))
-  out = train.train_and_evaluate(config, workdir, det3d_task(config, workdir), **loop_kwargs)
-  # The loop returns TrainResult(state, metrics); before its refactor, the metrics dict alone.
-  result = dict(out.metrics if hasattr(out, 'metrics') else out)
+  _, result = train.train_and_evaluate(config, workdir, det3d_task(config, workdir),
+                                       **loop_kwargs)
   evals = {k[len('eval_'):]: v for k, v in result.items() if k.startswith('eval_')}
   if 'map' in evals:
     print(format_table(evals), flush=True)

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import tiny_config
 from nsmae_jax.finetune.det3d import data as data_lib
+from nsmae_jax.finetune.det3d.data import _with_index
 from nsmae_jax.finetune.det3d import nusc
 from nsmae_jax.finetune.det3d.task import det3d_eval_batches, results_from_detections
 
@@ -59,3 +60,19 @@ def test_true_boxes_score_perfectly_and_a_1m_shift_lowers_map(gt_detections, tmp
         f'-> {moved["nds"]:.4f}, mATE {moved["mate"]:.4f}')
   assert moved['map'] < perfect['map'] - 0.2
   assert 0.95 < moved['mate'] < 1.05
+
+
+def test_eval_index_follows_the_documented_stream_order_and_checks_it():
+  """Process 1 of 2, 2 devices x 1: its batch k holds stream positions 2k, 2k + 1 of its own,
+  i.e. records 4k + 1, 4k + 3; past the 5 records: padding (index 0, valid False)."""
+  meta = [{'num_boxes': n} for n in (3, 1, 4, 1, 5)]
+
+  def batch(counts, valid):
+    mask = np.arange(8)[None, None] < np.array(counts).reshape(2, 1, 1)
+    return {'valid': np.array(valid).reshape(2, 1), 'boxes_mask': mask}
+
+  out = list(_with_index([batch([1, 1], [True, True]), batch([3, 3], [False, False])], meta,
+                         'val', pi=1, pc=2))
+  assert [b['index'].reshape(-1).tolist() for b in out] == [[1, 3], [0, 0]]
+  with pytest.raises(RuntimeError, match='not the stored order'):
+    list(_with_index([batch([1, 4], [True, True])], meta, 'val', pi=1, pc=2))

@@ -56,8 +56,17 @@ def eval_batches(config: Config, split: str = 'val') -> Iterator[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   meta = split_metadata(config, split)
-  pi, pc = jax.process_index(), jax.process_count()
-  for k, batch in enumerate(pipeline.make_eval_iterator(config, split=split)):
+  iterator = pipeline.make_eval_iterator(config, split=split)
+  try:
+    yield from _with_index(iterator, meta, split, jax.process_index(), jax.process_count())
+  finally:  # the loop closes this generator after a pass: release the pipeline's readers too
+    if hasattr(iterator, 'close'):
+      iterator.close()
+
+
+def _with_index(batches, meta: list[dict], split: str, pi: int, pc: int) -> Iterator[dict]:
+  """Adds `index` [D, B] to eval batches of process pi of pc (see eval_batches) and checks it."""
+  for k, batch in enumerate(batches):
     if 'index' not in batch:
       d, b = batch['valid'].shape
       local = k * d * b + np.arange(d * b).reshape(d, b)

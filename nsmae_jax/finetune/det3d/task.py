@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import threading
-from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,10 @@ def results_from_detections(items: dict, metadata: list[dict], sample_tokens: li
   extra = sorted(set(results) - set(sample_tokens))
   if extra:
     raise ValueError(f'{len(extra)} evaluated key frames (e.g. {extra[0]}) are not in the '
-                     'devkit split: --det_eval_set does not match the converted eval split')
+                     f'devkit\'s split ({len(sample_tokens)} key frames): --det_eval_set does '
+                     'not match the converted eval split, or the scene names are not the '
+                     'official ones of that split (a synthetic world generated before they '
+                     'were: delete its dataroot and converted data to regenerate them)')
   return {t: results.get(t, []) for t in sample_tokens}, covered
 
 
@@ -88,19 +91,13 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
   model = DetModel(config)
   fc, dc = config.finetune, config.detection
   e, r, n = config.data.bev_half_extent, dc.det_resolution, det_cells(config)
-  decode_fn = functools.partial(decode, half_extent=e, resolution=r, top_k=dc.det_top_k,
-                                score_threshold=dc.det_score_threshold, nms=dc.det_nms)
+  decode_fn = _decoder(config)
+  predict = predict_fn(config, model)
   buffer = DetectionBuffer()
   out_dir = os.path.join(workdir or config.train.workdir, 'det3d')
 
   init_params = jax.jit(lambda rng, batch: model.init({'params': rng}, batch,
                                                       train=False)['params'])
-
-  @jax.jit
-  def predict(params, batch):
-    out = model.apply({'params': params}, batch, train=False)
-    dets = jax.vmap(decode_fn)(out['heatmap'], out['regression'])
-    return dets, jnp.max(jax.nn.sigmoid(out['heatmap']), axis=-1)
 
   def loss_fn(params, batch, rng, train):
     del rng  # no masking or dropout in fine-tuning
@@ -184,17 +181,25 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
               headline=('loss', 'nds'))
 
 
-def predict_fn(config: Config) -> Any:
-  """jitted (params, batch [B, ...]) -> decode.Detections [B, K, ...] (for notebooks/tools)."""
-  model = DetModel(config)
+def _decoder(config: Config) -> Callable:
+  """decode() with the config's grid, top-k, threshold and NMS: (logits, regression) of one
+  example -> Detections."""
   dc = config.detection
-  decode_fn = functools.partial(decode, half_extent=config.data.bev_half_extent,
-                                resolution=dc.det_resolution, top_k=dc.det_top_k,
-                                score_threshold=dc.det_score_threshold, nms=dc.det_nms)
+  return functools.partial(decode, half_extent=config.data.bev_half_extent,
+                           resolution=dc.det_resolution, top_k=dc.det_top_k,
+                           score_threshold=dc.det_score_threshold, nms=dc.det_nms)
+
+
+def predict_fn(config: Config, model: DetModel | None = None) -> Callable:
+  """jitted (params, batch [B, ...]) -> (Detections with [B, K, ...] fields (LiDAR frame),
+  heatmap max over classes [B, N, N]), for pictures, notebooks and tools."""
+  model = model or DetModel(config)
+  decode_fn = _decoder(config)
 
   @jax.jit
   def predict(params, batch):
     out = model.apply({'params': params}, batch, train=False)
-    return jax.vmap(decode_fn)(out['heatmap'], out['regression'])
+    dets = jax.vmap(decode_fn)(out['heatmap'], out['regression'])
+    return dets, jnp.max(jax.nn.sigmoid(out['heatmap']), axis=-1)
 
   return predict
