@@ -2,17 +2,26 @@ r"""nuScenes (real or synthetic) -> the TFDS dataset `nuscenes_nsmae`, through n
 
   python -m data_prep.convert_nuscenes --dataroot=DIR --version=v1.0-trainval --out=DATA_DIR \
       [--splits=train,val] [--image_height=64 --image_width=176] [--num_sweeps=10] \
-      [--bev_half_extent=32 --bev_resolution=0.5] [--workers=8]
+      [--bev_half_extent=32 --bev_resolution=0.5] [--workers=8] [--skip_missing]
 
 Two stages, so that an interrupted conversion resumes instead of starting over:
-1. Records: every key frame of the requested splits becomes one pickled record (devkit parsing,
-   image resize + JPEG, multi-sweep points, map masks, boxes), in `--workers` processes, under
+1. Records: every key frame of the requested splits becomes one record file (devkit parsing,
+   image resize + JPEG, multi-sweep points, map masks, boxes; stored by record_io: plain
+   arrays, checksummed, never pickle), in `--workers` processes, under
    <out>/nuscenes_nsmae_records/<config>/. Each record is written to a temporary name and
-   renamed, so a killed run leaves only complete records; a rerun skips them.
+   renamed, so a killed run leaves only complete records; a rerun checks them (checksum) and
+   keeps the intact ones, redoing a damaged one.
 2. Shards: the TFDS builder writes the records into TFRecord shards. TFDS writes into a
    temporary directory and renames it when all splits are done, so a dataset directory that
    exists is complete. Then the statistics are written next to it (conversion_stats.json) and
    the records are deleted.
+
+What is skipped and what stops (README "Data"): a split none of whose scenes the tables hold is
+skipped with a warning (an error only when every requested split is empty); with
+--skip_missing a key frame whose files are missing or unreadable (a partial download) is
+skipped and listed in conversion_stats.json, without it that is an error naming the file and
+sample; LiDAR returns with non-finite or absurd coordinates are dropped and counted; bad
+calibration or an image of the wrong size is an error naming the sample and table/file.
 """
 
 from __future__ import annotations
@@ -21,19 +30,23 @@ from __future__ import annotations
 # pylint: disable=import-outside-toplevel
 
 import collections
+import errno
 import functools
+import glob
 import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from data_prep.nuscenes_nsmae import record as record_lib
+from data_prep.nuscenes_nsmae import record_io
 from nsmae_jax.data import naming, schema
 
 STATS_FILE = 'conversion_stats.json'
@@ -41,15 +54,23 @@ STATS_FILE = 'conversion_stats.json'
 _OFFICIAL = {'v1.0-trainval': {'train': 'train', 'val': 'val'},
              'v1.0-mini': {'train': 'mini_train', 'val': 'mini_val'},
              'v1.0-test': {'test': 'test'}}
+# Write errors that mean "no room": the message then names the directory and how to resume.
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class ConversionError(RuntimeError):
+  """The conversion cannot go on (e.g. the disk is full); the message says where and what next."""
 
 
 def scene_splits(nusc, dataroot: str, version: str) -> dict[str, list[str]]:
-  """{split: [scene names]} from a custom splits.json if present, else the official splits.
+  """{split: [scene names present]} from a custom splits.json if present, else the official
+  splits of `version`.
 
   splits.json ({"train": [scene names], "val": [...]}, the devkit's custom-split layout) is
   looked for in <dataroot>/<version>/ (where the synthetic world writes it), then <dataroot>/.
-  Scenes of a split that the dataroot does not hold are an error for a custom split and are
-  left out of an official one only when none of them are there (e.g. `test` on trainval).
+  A custom split naming scenes the tables do not hold is an error (the file is wrong); an
+  official split keeps the scenes that are present, and may come out empty (a dataroot with
+  some scenes only, e.g. a one-scene v1.0-mini): `convert` skips empty splits.
   """
   present = {scene['name'] for scene in nusc.scene}
   candidates = [os.path.join(dataroot, version, 'splits.json'),
@@ -69,13 +90,8 @@ def scene_splits(nusc, dataroot: str, version: str) -> dict[str, list[str]]:
     raise ValueError(f'--version={version}: no official split for it and no {path}')
   from nuscenes.utils import splits as official
   scenes = official.create_splits_scenes()
-  result = {}
-  for split, name in _OFFICIAL[version].items():
-    result[split] = [s for s in scenes[name] if s in present]
-    if not result[split]:
-      raise ValueError(f'{dataroot}/{version}: none of the scenes of the official {name!r} '
-                       'split are present (a custom dataroot needs a splits.json)')
-  return result
+  return {split: [s for s in scenes[name] if s in present]
+          for split, name in _OFFICIAL[version].items()}
 
 
 def sample_tokens(nusc, scene_names: Sequence[str]) -> list[str]:
@@ -90,58 +106,182 @@ def sample_tokens(nusc, scene_names: Sequence[str]) -> list[str]:
   return tokens
 
 
-# Per-process state of the record workers (filled before fork, inherited copy-on-write).
+# Per-process state of the record workers: filled before a fork (inherited copy-on-write), or
+# by _init_worker in a spawned worker (which loads the tables itself).
 _WORKER: dict[str, Any] = {}
 
 
-def _record_stats(record: dict[str, Any]) -> dict[str, Any]:
-  points = record['points']
-  return {'points': int(points.shape[0]),
-          'key_points': int(np.count_nonzero(points[:, 4] == 0.0)),
-          'labels': record['box_labels'].tolist(),
-          'map_cells': record['bev_map'].reshape(record['bev_map'].shape[0], -1).sum(1).tolist(),
-          'map_total': int(np.prod(record['bev_map'].shape[1:]))}
+def _no_space(e: BaseException, directory: str, what: str) -> ConversionError:
+  why = getattr(e, 'strerror', None) or str(e).rsplit('; ', 1)[-1]
+  return ConversionError(
+      f'no space left writing {what} into {directory} ({why}); the finished records are '
+      'kept: free space and rerun the same command to resume')
 
 
-def _write_record(job: tuple[str, int, str]) -> tuple[str, str]:
-  """Makes and atomically writes one record; returns (split, token)."""
-  split, index, token = job
-  nusc, settings, records = _WORKER['nusc'], _WORKER['settings'], _WORKER['records']
+def _write_record(job: tuple[str, str]) -> tuple[str, str, str, str]:
+  """Makes, or checks and keeps, the record of one key frame.
+
+  Returns (split, token, outcome, missing file): outcome 'made', 'reused' (an intact record of
+  an earlier run), 'redone' (a damaged one was replaced) or 'skipped' (a missing or unreadable
+  input file, with --skip_missing; the file is returned).
+  """
+  split, token = job
+  w = _WORKER
+  path = naming.record_path(w['records'], split, token)
+  outcome = 'made'
+  if os.path.exists(path):
+    try:
+      record_io.load_record(path)
+      return split, token, 'reused', ''
+    except record_io.CorruptRecordError as e:
+      logging.warning('%s: making it again', e)
+      outcome = 'redone'
+  nusc = w['nusc']
   sample = nusc.get('sample', token)
   location = nusc.get('log', nusc.get('scene', sample['scene_token'])['log_token'])['location']
-  rec = record_lib.make_record(nusc, _WORKER['maps'][location], token, settings)
-  path = naming.record_path(records, split, index, token)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    pickle.dump(rec, f, protocol=pickle.HIGHEST_PROTOCOL)
-  os.replace(tmp, path)
-  return split, token
+  try:
+    rec = record_lib.make_record(nusc, w['maps'][location], token, w['settings'])
+  except record_lib.MissingInputError as e:
+    if not w['skip_missing']:
+      raise
+    return split, token, 'skipped', e.path or str(e)
+  try:
+    record_io.save_record(path, rec)
+  except OSError as e:
+    if e.errno in _NO_SPACE:
+      raise _no_space(e, os.path.dirname(path), 'records') from None
+    raise
+  return split, token, outcome, ''
 
 
-def _init_worker() -> None:
+def _load_maps(dataroot: str, locations: Sequence[str]) -> dict[str, Any]:
+  """{location: NuScenesMap} (polygons memoized) of a dataroot."""
+  from nuscenes.map_expansion.map_api import NuScenesMap
+  return {loc: _memoize_polygons(NuScenesMap(dataroot=dataroot, map_name=loc))
+          for loc in sorted(locations)}
+
+
+def _init_worker(spawned_state: dict[str, Any] | None = None) -> None:
   import cv2
   cv2.setNumThreads(1)  # one process per core already
+  if spawned_state is not None:
+    from nuscenes.nuscenes import NuScenes
+    state = dict(spawned_state)
+    dataroot, version = state.pop('dataroot'), state.pop('version')
+    state['nusc'] = NuScenes(version=version, dataroot=dataroot, verbose=False)
+    state['maps'] = _load_maps(dataroot, state.pop('locations'))
+    _WORKER.update(state)
+
+
+# Runtimes whose import starts thread pools that take locks at any time (XLA, the TF runtime,
+# gRPC): a fork copies such a lock held by another thread, and a child that needs it hangs.
+_THREADED_RUNTIMES = ('jax', 'jaxlib', 'tensorflow', 'torch')
+
+
+def fork_hazard() -> str | None:
+  """Why forking this process could deadlock the workers, or None.
+
+  A threaded runtime imported (e.g. a notebook or training process that imported JAX before
+  converting), or Python threads besides the main one. The idle native pools of numpy's
+  OpenBLAS, OpenCV and the devkit's imports are not counted: OpenBLAS quiesces its pool
+  around fork (pthread_atfork) and the others take no lock until used.
+  """
+  loaded = [name for name in _THREADED_RUNTIMES if name in sys.modules]
+  if loaded:
+    return f'{", ".join(loaded)} imported'
+  if threading.active_count() > 1:
+    return f'{threading.active_count()} Python threads running'
+  return None
+
+
+def start_method() -> str:
+  """'fork' when that is safe (the workers inherit the loaded tables for free), else 'spawn'
+  (each worker loads the tables itself: slower to start, more memory, never deadlocks)."""
+  return 'spawn' if fork_hazard() else 'fork'
+
+
+def _make_records(state: dict[str, Any], jobs: list[tuple[str, str]], workers: int,
+                  log: Callable[[str], None], method: str | None = None
+                  ) -> dict[str, tuple[str, str]]:
+  """Stage 1: makes the missing records and checks the existing ones, in `workers` processes
+  with a progress bar.
+
+  state: nusc, maps, settings, records, skip_missing, and dataroot, version, locations (what a
+  spawned worker needs to load the tables). method: the worker start method (default:
+  start_method()). Returns {token: (outcome, missing file)}.
+  """
+  from tqdm import tqdm
+  shared = ('settings', 'records', 'skip_missing')
+  _WORKER.update({k: state[k] for k in ('nusc', 'maps', *shared)})
+  outcomes: dict[str, tuple[str, str]] = {}
+  start = time.time()
+  used = 'serial'
+  pool = None
+  try:
+    if workers > 1 and len(jobs) > 1:
+      # The pool is started before the progress bar: tqdm's monitor is a thread.
+      used = method or start_method()
+      spawned = None if used == 'fork' else {
+          k: state[k] for k in ('dataroot', 'version', 'locations', *shared)}
+      pool = multiprocessing.get_context(used).Pool(
+          min(workers, len(jobs)), initializer=_init_worker, initargs=(spawned,))
+      results = pool.imap_unordered(_write_record, jobs, chunksize=1)
+    else:
+      results = map(_write_record, jobs)
+    with tqdm(total=len(jobs), unit='frame', desc='records', smoothing=0.1,
+              dynamic_ncols=True) as bar:
+      for _, token, outcome, missing in results:
+        outcomes[token] = (outcome, missing)
+        bar.update(1)
+  except BaseException:
+    if pool is not None:
+      pool.terminate()  # do not finish the other frames on an error or Ctrl-C
+    raise
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+    _WORKER.clear()
+  counts = collections.Counter(o for o, _ in outcomes.values())
+  elapsed = time.time() - start
+  log(f'records: {counts["made"]} made, {counts["reused"]} reused, {counts["redone"]} damaged '
+      f'and made again, {counts["skipped"]} skipped (missing input) in {elapsed:.1f} s '
+      f'({len(jobs) / max(elapsed, 1e-9):.2f} frames/s, {workers} workers, {used})')
+  return outcomes
+
+
+def _memoize_polygons(nusc_map):
+  """get_map_mask rebuilds every polygon of a layer from its nodes on each call (~40% of its
+  time); a polygon depends only on its token, so cache them per process."""
+  nusc_map.extract_polygon = functools.lru_cache(maxsize=None)(nusc_map.extract_polygon)
+  return nusc_map
 
 
 class _Stats:
-  """Running statistics of the written records (frames, points, boxes, map coverage)."""
+  """Statistics of the converted key frames (frames, points, boxes, map coverage, what was
+  dropped or skipped)."""
 
   def __init__(self, class_names: Sequence[str]):
     self.class_names = list(class_names)
     self.frames = collections.Counter()
     self.points: list[int] = []
     self.empty_key_frames: list[str] = []
+    self.invalid_points: dict[str, int] = {}
     self.boxes = collections.Counter()
     self.map_fraction = np.zeros(len(schema.MAP_CLASSES))
+    self.skipped: list[dict[str, str]] = []
+    self.skipped_splits: dict[str, str] = {}
 
   def add(self, split: str, record: dict[str, Any]) -> None:
-    s = _record_stats(record)
+    points, bev = record['points'], record['bev_map']
     self.frames[split] += 1
-    self.points.append(s['points'])
-    if s['key_points'] == 0:
+    self.points.append(int(points.shape[0]))
+    if not np.any(points[:, 4] == 0.0):
       self.empty_key_frames.append(record['token'])
-    self.boxes.update(self.class_names[i] for i in s['labels'])
-    self.map_fraction += np.asarray(s['map_cells']) / s['map_total']
+    if record.get('invalid_points', 0):
+      self.invalid_points[record['token']] = int(record['invalid_points'])
+    self.boxes.update(self.class_names[i] for i in record['box_labels'].tolist())
+    self.map_fraction += bev.reshape(bev.shape[0], -1).mean(1)
 
   def summary(self) -> dict[str, Any]:
     n = max(sum(self.frames.values()), 1)
@@ -154,55 +294,48 @@ class _Stats:
                                             'tokens': self.empty_key_frames[:20],
                                             'handling': 'kept; their points hold sweeps only '
                                                         '(or none: all-False points_mask)'},
+        'invalid_lidar_points': {
+            'count': sum(self.invalid_points.values()), 'frames': len(self.invalid_points),
+            'per_frame': dict(sorted(self.invalid_points.items())[:100]),
+            'handling': f'dropped: non-finite, or |x|, |y| or |z| > '
+                        f'{record_lib.MAX_ABS_COORD:g} m'},
+        'skipped_key_frames': {'count': len(self.skipped), 'frames': self.skipped,
+                               'handling': 'input file missing or unreadable (--skip_missing)'},
+        'skipped_splits': self.skipped_splits,
         'boxes_per_class': {name: self.boxes.get(name, 0) for name in self.class_names},
         'map_class_coverage': {c: float(f / n)
                                for c, f in zip(schema.MAP_CLASSES, self.map_fraction)},
     }
 
 
-def _make_records(nusc, maps, settings, records: str, jobs: list[tuple[str, int, str]],
-                  total: int, workers: int, log: Callable[[str], None]) -> None:
-  """Stage 1: writes the missing records, in `workers` processes, with a progress bar."""
-  from tqdm import tqdm
-  _WORKER.update(nusc=nusc, maps=maps, settings=settings, records=records)
-  bar = tqdm(total=total, initial=total - len(jobs), unit='frame', desc='records',
-             smoothing=0.1, dynamic_ncols=True)
-  start = time.time()
-  try:
-    if workers <= 1:
-      for job in jobs:
-        _write_record(job)
-        bar.update(1)
-    elif jobs:
-      # fork: workers inherit the loaded tables and maps instead of re-reading them.
-      with multiprocessing.get_context('fork').Pool(workers, initializer=_init_worker) as pool:
-        for _ in pool.imap_unordered(_write_record, jobs, chunksize=1):
-          bar.update(1)
-  finally:
-    bar.close()
-    _WORKER.clear()
-  if jobs:
-    elapsed = time.time() - start
-    log(f'records: {len(jobs)} key frames in {elapsed:.1f} s '
-        f'({len(jobs) / max(elapsed, 1e-9):.2f} frames/s, {workers} workers)')
-
-
-def _memoize_polygons(nusc_map):
-  """get_map_mask rebuilds every polygon of a layer from its nodes on each call (~40% of its
-  time); a polygon depends only on its token, so cache them per process."""
-  nusc_map.extract_polygon = functools.lru_cache(maxsize=None)(nusc_map.extract_polygon)
-  return nusc_map
+def _remove_leftovers(records: str, out: str, log: Callable[[str], None]) -> None:
+  """Deletes what a killed run leaves: record temporaries and TFDS `incomplete.*` directories
+  (TFDS names them at random, so a rerun would never reuse or remove them). Two converters
+  writing the same config at once are not supported."""
+  stale = (glob.glob(os.path.join(records, '*', '*.npz.tmp*'))
+           + glob.glob(os.path.join(os.path.dirname(out), f'incomplete.*_{naming.VERSION}')))
+  for path in stale:
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+  if stale:
+    log(f'removed {len(stale)} leftovers of an interrupted run (e.g. {stale[0]})')
 
 
 def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
-            log: Callable[[str], None] | None = None, keep_records: bool = False) -> str:
+            log: Callable[[str], None] | None = None, keep_records: bool = False,
+            skip_missing: bool = False) -> str:
   """Converts data_config.dataroot/version into TFDS `nuscenes_nsmae` under data_config.data_dir.
 
   The builder config (naming.config_name) is set by image_height/width, num_sweeps,
   bev_half_extent and bev_resolution. `splits` defaults to every split of the dataroot's split
-  definition (splits.json, else the official ones of the version). Finished work is skipped:
-  an existing dataset is returned at once; finished records of an interrupted run are reused.
-  Returns the data dir.
+  definition (splits.json, else the official ones of the version); a split none of whose
+  scenes are present is skipped with a warning, and if all are, that is a ValueError.
+  skip_missing: skip (and list in the statistics) key frames whose input files are missing or
+  unreadable instead of raising record.MissingInputError. Finished work is skipped: an existing
+  dataset is returned at once; intact records of an interrupted run are reused.
+  Returns the data dir. Raises ConversionError when the disk fills up (finished records kept).
   """
   log = log or logging.info
   data_dir = data_config.data_dir
@@ -211,41 +344,71 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
     _check_existing(out, splits)
     log(f'{out} already converted')
     return data_dir
-  from nuscenes.map_expansion.map_api import NuScenesMap
   from nuscenes.nuscenes import NuScenes
-  version_dir = os.path.join(data_config.dataroot, data_config.version)
-  if not os.path.isdir(version_dir):
-    raise FileNotFoundError(f'--dataroot/--version: {version_dir} does not exist')
-  nusc = NuScenes(version=data_config.version, dataroot=data_config.dataroot, verbose=False)
-  scene_split = scene_splits(nusc, data_config.dataroot, data_config.version)
+  dataroot, version = data_config.dataroot, data_config.version
+  if not os.path.isdir(os.path.join(dataroot, version)):
+    raise FileNotFoundError(f'--dataroot/--version: {os.path.join(dataroot, version)} does not '
+                            'exist')
+  nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
+  scene_split = scene_splits(nusc, dataroot, version)
   wanted = list(splits) if splits else list(scene_split)
   unknown = sorted(set(wanted) - set(scene_split))
   if unknown:
     raise ValueError(f'--splits: {unknown} not among the splits {sorted(scene_split)}')
-  tokens = {split: sample_tokens(nusc, scene_split[split]) for split in wanted}
+  stats = _Stats(schema.DETECTION_CLASSES)
+  for split in wanted:
+    if not scene_split[split]:
+      stats.skipped_splits[split] = f'none of its scenes are in {dataroot}/{version}'
+      log(f'warning: skipping split {split!r}: {stats.skipped_splits[split]}')
+  if len(stats.skipped_splits) == len(wanted):
+    raise ValueError(f'{dataroot}/{version}: none of the scenes of the splits {wanted} are '
+                     'present (a dataroot with other scenes needs a splits.json)')
+  tokens = {split: sample_tokens(nusc, scene_split[split]) for split in wanted
+            if split not in stats.skipped_splits}
   records = naming.record_dir(data_dir, data_config)
-  jobs = []
-  for split, split_tokens in tokens.items():
+  _remove_leftovers(records, out, log)
+  for split in tokens:
     os.makedirs(os.path.join(records, split), exist_ok=True)
-    jobs += [(split, i, t) for i, t in enumerate(split_tokens)
-             if not os.path.isfile(naming.record_path(records, split, i, t))]
-  total = sum(len(t) for t in tokens.values())
-  log(f'{data_config.dataroot}/{data_config.version} -> {out}: {total} key frames '
-      f'({", ".join(f"{s} {len(t)}" for s, t in tokens.items())}), '
-      f'{total - len(jobs)} already done')
+  jobs = [(split, t) for split, split_tokens in tokens.items() for t in split_tokens]
+  found = sum(os.path.isfile(naming.record_path(records, *job)) for job in jobs)
+  log(f'{dataroot}/{version} -> {out}: {len(jobs)} key frames '
+      f'({", ".join(f"{s} {len(t)}" for s, t in tokens.items())}), {found} records of an '
+      'earlier run found (checked before reuse)')
   locations = {nusc.get('log', scene['log_token'])['location'] for scene in nusc.scene}
-  maps = {loc: _memoize_polygons(NuScenesMap(dataroot=data_config.dataroot, map_name=loc))
-          for loc in locations}
+  maps = _load_maps(dataroot, locations)
   settings = record_lib.RecordSettings(
       image_height=data_config.image_height, image_width=data_config.image_width,
       num_sweeps=data_config.num_sweeps, bev_half_extent=float(data_config.bev_half_extent),
       bev_resolution=float(data_config.bev_resolution))
-  _make_records(nusc, maps, settings, records, jobs, total, workers, log)
-  del nusc, maps
-  stats = _write_shards(data_config, records, tokens, log)
-  with open(os.path.join(out, STATS_FILE), 'w') as f:
-    json.dump(stats, f, indent=1)
-  log('statistics: ' + json.dumps(stats))
+  state = dict(nusc=nusc, maps=maps, settings=settings, records=records,
+               skip_missing=skip_missing, dataroot=dataroot, version=version,
+               locations=sorted(locations))
+  outcomes = _make_records(state, jobs, workers, log)
+  del nusc, maps, state
+  for split in list(tokens):
+    for token in tokens[split]:
+      outcome, missing = outcomes[token]
+      if outcome == 'skipped':
+        stats.skipped.append({'split': split, 'token': token, 'missing': missing})
+    tokens[split] = [t for t in tokens[split] if outcomes[t][0] != 'skipped']
+    if not tokens[split]:
+      del tokens[split]
+      stats.skipped_splits[split] = 'every key frame was skipped (missing input)'
+  if stats.skipped:
+    log(f'warning: skipped {len(stats.skipped)} key frames with missing input (listed in '
+        f'{STATS_FILE}), e.g. {stats.skipped[0]}')
+  if not tokens:
+    raise ConversionError(f'{dataroot}/{version}: every key frame of {wanted} was skipped '
+                          f'(missing input, e.g. {stats.skipped[0]["missing"]})')
+  _write_shards(data_config, records, tokens, stats, log)
+  summary = stats.summary()
+  try:
+    _write_json(os.path.join(out, STATS_FILE), summary)
+  except OSError as e:
+    if e.errno in _NO_SPACE:
+      raise _no_space(e, out, STATS_FILE) from None
+    raise
+  log('statistics: ' + json.dumps(summary))
   if not keep_records:
     shutil.rmtree(records, ignore_errors=True)
     try:  # the parent holds other configs' records, if any
@@ -255,30 +418,62 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
   return data_dir
 
 
-def _write_shards(data_config, records: str, tokens: dict[str, list[str]],
-                  log: Callable[[str], None]) -> dict[str, Any]:
+def _write_json(path: str, value: Any) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _is_no_space(e: BaseException | None) -> bool:
+  """Whether an error, or one it was raised from, says the disk (or file size limit) is full:
+  an OSError, or TensorFlow's ResourceExhaustedError that TFDS re-raises as RuntimeError."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return True
+    if any(os.strerror(n) in str(e) for n in _NO_SPACE):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _write_shards(data_config, records: str, tokens: dict[str, list[str]], stats: _Stats,
+                  log: Callable[[str], None]) -> None:
   """Stage 2: TFRecord shards from the records (TFDS' atomic directory rename)."""
   import tensorflow_datasets as tfds
   from data_prep.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
-  stats = _Stats(schema.DETECTION_CLASSES)
   builder = builder_lib.Builder(config=builder_lib.builder_config(data_config),
                                 data_dir=data_config.data_dir, record_dir=records,
                                 splits=tokens, on_example=stats.add)
   start = time.time()
-  builder.download_and_prepare(
-      download_dir=os.path.join(records, 'downloads'),
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  try:
+    builder.download_and_prepare(
+        download_dir=os.path.join(records, 'downloads'),
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except Exception as e:  # pylint: disable=broad-except; TFDS wraps TF's errors in RuntimeError
+    if _is_no_space(e):
+      out = os.path.dirname(naming.dataset_dir(data_config.data_dir, data_config))
+      raise _no_space(e, out, 'shards') from None
+    raise
   total = sum(len(t) for t in tokens.values())
   log(f'shards: {total} examples in {time.time() - start:.1f} s')
-  return stats.summary()
 
 
 def _check_existing(out: str, splits: Sequence[str] | None) -> None:
-  """An existing dataset must hold the requested splits (TFDS cannot add one later)."""
+  """An existing dataset must hold the requested splits (TFDS cannot add one later), unless
+  the conversion skipped them (no scene, or no key frame with its files)."""
   if not splits:
     return
   with open(os.path.join(out, 'dataset_info.json')) as f:
     have = {s['name'] for s in json.load(f).get('splits', [])}
+  stats_path = os.path.join(out, STATS_FILE)
+  if os.path.isfile(stats_path):
+    with open(stats_path) as f:
+      have |= set(json.load(f).get('skipped_splits', {}))
   missing = sorted(set(splits) - have)
   if missing:
     raise ValueError(f'--splits: {out} exists without {missing}; delete it to rebuild with '
@@ -288,18 +483,32 @@ def _check_existing(out: str, splits: Sequence[str] | None) -> None:
 def main(argv: Sequence[str]) -> None:
   from absl import flags
   from nsmae_jax.config import DataConfig
-  del argv
   f = flags.FLAGS
+  if len(argv) > 1:
+    _exit(f'unexpected positional arguments {list(argv[1:])}', 2)
+  bev = 2 * f.bev_half_extent / f.bev_resolution if f.bev_resolution > 0 else 0.5
+  if abs(bev - round(bev)) > 1e-6:
+    _exit('--bev_resolution: 2 * bev_half_extent is not a multiple of it', 2)
+  for name in ('image_height', 'image_width', 'num_sweeps', 'workers'):
+    if f[name].value < 1:
+      _exit(f'--{name}: must be >= 1, got {f[name].value}', 2)
   data_config = DataConfig(
       data_dir=f.out, dataroot=f.dataroot, version=f.version, image_height=f.image_height,
       image_width=f.image_width, num_sweeps=f.num_sweeps, bev_half_extent=f.bev_half_extent,
       bev_resolution=f.bev_resolution)
-  bev = 2 * f.bev_half_extent / f.bev_resolution
-  if abs(bev - round(bev)) > 1e-6:
-    raise flags.ValidationError('--bev_resolution: 2 * bev_half_extent is not a multiple of it')
   logging.getLogger().setLevel(logging.INFO)
-  convert(data_config, workers=f.workers, splits=f.splits or None, log=print,
-          keep_records=f.keep_records)
+  try:
+    convert(data_config, workers=f.workers, splits=f.splits or None, log=print,
+            keep_records=f.keep_records, skip_missing=f.skip_missing)
+  except (ConversionError, record_lib.MissingInputError, record_lib.BadInputError,
+          record_io.CorruptRecordError) as e:
+    # Bad data or a full disk: the message says which file and what to do; no traceback.
+    _exit(str(e), 1)
+
+
+def _exit(message: str, status: int) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
 
 
 def _define_flags() -> None:
@@ -311,7 +520,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('version', 'v1.0-trainval', 'Table version under --dataroot.')
   flags.DEFINE_string('out', None, 'TFDS data dir to write nuscenes_nsmae into.', required=True)
   flags.DEFINE_list('splits', [], 'Splits to convert (default: all of splits.json / the '
-                    'official ones, e.g. train,val).')
+                    'official ones, e.g. train,val); a split with no scene present is skipped.')
   flags.DEFINE_integer('image_height', defaults['image_height'], 'Stored image height (px).')
   flags.DEFINE_integer('image_width', defaults['image_width'], 'Stored image width (px).')
   flags.DEFINE_integer('num_sweeps', defaults['num_sweeps'],
@@ -321,6 +530,10 @@ def _define_flags() -> None:
   flags.DEFINE_float('bev_resolution', defaults['bev_resolution'], 'BEV map cell size (m).')
   flags.DEFINE_integer('workers', max(1, (os.cpu_count() or 1)), 'Record worker processes.')
   flags.DEFINE_bool('keep_records', False, 'Keep the per-key-frame records after the build.')
+  flags.DEFINE_bool('skip_missing', False,
+                    'Skip key frames whose image, .pcd.bin or sweep file is missing or '
+                    'unreadable (a partial download) and list them in conversion_stats.json, '
+                    'instead of stopping with an error naming the file.')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,9 @@
 """TFDS builder of `nuscenes_nsmae`: one record per nuScenes key frame (DESIGN.md "The record").
 
 The builder does not parse nuScenes itself: `data_prep.convert_nuscenes` first writes one
-pickled record per key frame (made by `record.make_record` through nuscenes-devkit, in
-parallel, resumable) under a record directory, and this builder turns those into TFRecord
-shards. TFDS writes into a temporary `*.incomplete*` directory and renames it only when every
+record file per key frame (made by `record.make_record` through nuscenes-devkit, in parallel,
+resumable; stored by `record_io`: plain arrays, checksummed, no pickle) under a record
+directory, and this builder turns those into TFRecord shards. TFDS writes into a temporary `*.incomplete*` directory and renames it only when every
 split is written, so an interrupted build never leaves a dataset that looks complete.
 
 A converted dataset is read without project code:
@@ -13,12 +13,14 @@ A converted dataset is read without project code:
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import writer as writer_lib
 
+from data_prep.nuscenes_nsmae import record_io
 from nsmae_jax.data.naming import VERSION, config_name, record_path
 from nsmae_jax.data.schema import NUM_CAMERAS, NUM_MAP_CLASSES
 
@@ -74,19 +76,39 @@ def features(config: NuscenesNsmaeConfig) -> tfds.features.FeaturesDict:
   })
 
 
+class DeterministicExampleWriter(writer_lib.ExampleWriter):
+  """Writes every tf.train.Example with its feature map in key order.
+
+  TFDS serializes with SerializeToString(), which writes a proto map in an order that depends
+  on the process (two conversions of the same records gave shards with the same examples but
+  different bytes). Serializing again with deterministic=True makes a shard's bytes a function
+  of its records, so a resumed conversion can be checked byte for byte against a fresh one.
+  """
+
+  def write(self, path, examples):
+    def canonical():
+      for key, serialized in examples:
+        example = tf.train.Example.FromString(serialized)
+        yield key, example.SerializeToString(deterministic=True)
+    return super().write(path, canonical())
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
-  """DatasetBuilder for nuscenes_nsmae (configs are made from a DataConfig, not listed)."""
+  """DatasetBuilder for nuscenes_nsmae.
+
+  Configs are made from a DataConfig (`builder_config`), never listed: TFDS refuses a custom
+  config named like a listed one, and every config name is one that a DataConfig can make.
+  """
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {'1.0.0': 'Initial release: images, calibration with ego-motion '
                             'compensation, multi-sweep points, BEV map masks, boxes.'}
-  BUILDER_CONFIGS = [NuscenesNsmaeConfig(name='trainval_64x176_sw1_e32_r0p5', version=VERSION)]
 
   def __init__(self, *, record_dir: str | None = None, splits: dict[str, list[str]] | None = None,
                on_example: Callable[[str, dict], None] | None = None, **kwargs: Any):
     """record_dir/splits: where the converter's per-key-frame records are and which tokens
-    each split holds (in order); on_example(split, record) sees every record written (for
-    statistics). Only needed to build, not to read."""
+    each split holds (in order); on_example(split, record) sees every record written (with
+    the converter's extras, for statistics). Only needed to build, not to read."""
     self._record_dir = record_dir
     self._split_tokens = splits or {}
     self._on_example = on_example
@@ -99,6 +121,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         description='nuScenes key frames for NS-MAE: 6 camera images, LiDAR sweeps, BEV map '
                     'masks and boxes; geometry in the key frame LIDAR_TOP frame.')
 
+  def _example_writer(self) -> writer_lib.ExampleWriter:
+    return DeterministicExampleWriter(file_format=self.info.file_format)
+
   def _split_generators(self, dl_manager):
     del dl_manager
     if self._record_dir is None:
@@ -108,9 +133,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for split, tokens in self._split_tokens.items()}
 
   def _generate_examples(self, split: str, tokens: list[str]) -> Iterator[tuple[str, dict]]:
-    for index, token in enumerate(tokens):
-      with open(record_path(self._record_dir, split, index, token), 'rb') as f:
-        record = pickle.load(f)
+    for token in tokens:
+      record = record_io.load_record(record_path(self._record_dir, split, token))
       if self._on_example is not None:
         self._on_example(split, record)
-      yield token, record
+      yield token, record_io.features_only(record)

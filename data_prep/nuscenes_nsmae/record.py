@@ -11,6 +11,12 @@ composes it, so the converter can be checked against the devkit (tests/test_conv
 
 All record geometry is in the key frame's LIDAR_TOP frame (x right, y forward, z up, metres).
 The devkit is imported lazily so that reading a converted dataset never needs it.
+
+Bad input: a missing or unreadable file (image, .pcd.bin, sweep) is a MissingInputError naming
+the file and the sample (the converter's --skip_missing skips such key frames); calibration that
+cannot be a rigid transform or a camera matrix, and an image whose size is not its
+sample_data row's, are a BadInputError (never skipped: the whole table would be suspect);
+LiDAR returns with non-finite or absurd coordinates are dropped and counted.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from nsmae_jax.data.schema import CAMERAS, DETECTION_CLASSES, LIDAR, MAP_CLASSES
 _MAP_LAYERS = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
                'road_divider', 'lane_divider')
 JPEG_QUALITY = 95
+# A LiDAR return farther than this along any axis (m) is a corrupt value, not a measurement:
+# nuScenes' LiDAR reaches ~100 m and ego poses lie within a few km of the map origin.
+MAX_ABS_COORD = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +55,58 @@ class RecordSettings:
 
 
 class MissingInputError(FileNotFoundError):
-  """A file the record needs is missing or unreadable; the message names it and the sample."""
+  """A file the record needs is missing or unreadable; the message names it and the sample.
+
+  `path` is the file ('' when a table row, not a file, is missing).
+  """
+
+  def __init__(self, message: str, path: str = ''):
+    super().__init__(message)
+    self.path = path
+
+  def __reduce__(self):  # crosses the worker pool; OSError's default would drop `path`
+    return type(self), (str(self), self.path)
+
+  def __str__(self) -> str:
+    return self.args[0]
+
+
+class BadInputError(ValueError):
+  """A table row or file holds values that cannot be right; names the sample and table/file."""
+
+
+def _vector(row: dict[str, Any], field: str, size: int, where: str) -> np.ndarray:
+  try:
+    value = np.asarray(row.get(field), np.float64)
+  except (TypeError, ValueError) as e:
+    raise BadInputError(f'{where}: {field} {row.get(field)!r} is not numeric') from e
+  if value.shape != (size,) or not np.all(np.isfinite(value)):
+    raise BadInputError(f'{where}: {field} {row.get(field)!r} is not {size} finite numbers')
+  return value
+
+
+def check_pose(row: dict[str, Any], where: str) -> None:
+  """A calibrated_sensor / ego_pose row must be a rigid transform: 3 finite translation
+  numbers and a finite, non-zero quaternion (the devkit normalises it; zero has no rotation)."""
+  _vector(row, 'translation', 3, where)
+  if np.linalg.norm(_vector(row, 'rotation', 4, where)) < 1e-6:
+    raise BadInputError(f'{where}: rotation {row["rotation"]!r} is a zero quaternion')
+
+
+def check_intrinsic(row: dict[str, Any], where: str) -> np.ndarray:
+  """[3,3] camera_intrinsic of a camera's calibrated_sensor row: finite, last row [0, 0, 1],
+  positive focal lengths (so invertible, and points in front project in front)."""
+  try:
+    k = np.asarray(row.get('camera_intrinsic'), np.float64)
+  except (TypeError, ValueError) as e:
+    raise BadInputError(f'{where}: camera_intrinsic is not numeric') from e
+  if k.shape != (3, 3) or not np.all(np.isfinite(k)):
+    raise BadInputError(f'{where}: camera_intrinsic {row.get("camera_intrinsic")!r} is not a '
+                        'finite 3x3 matrix')
+  if not np.allclose(k[2], [0, 0, 1]) or k[0, 0] <= 0 or k[1, 1] <= 0:
+    raise BadInputError(f'{where}: camera_intrinsic {k.tolist()} is not a camera matrix '
+                        '(need [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0)')
+  return k
 
 
 def _transform(record: dict[str, Any], inverse: bool = False) -> np.ndarray:
@@ -56,16 +116,27 @@ def _transform(record: dict[str, Any], inverse: bool = False) -> np.ndarray:
   return transform_matrix(record['translation'], Quaternion(record['rotation']), inverse=inverse)
 
 
+def _where(nusc, table: str, row: dict[str, Any], sd: dict[str, Any]) -> str:
+  """Names a table row for an error: table file, row token, sensor and sample."""
+  path = os.path.join(nusc.table_root, f'{table}.json')
+  return (f'{path}: {table} {row["token"]} ({sd.get("channel", sd["filename"])} of sample '
+          f'{sd["sample_token"]})')
+
+
 def sensor_to_ego(nusc, sample_data_token: str) -> np.ndarray:
   """[4,4] sensor -> ego at the sample_data's own timestamp."""
   sd = nusc.get('sample_data', sample_data_token)
-  return _transform(nusc.get('calibrated_sensor', sd['calibrated_sensor_token']))
+  row = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+  check_pose(row, _where(nusc, 'calibrated_sensor', row, sd))
+  return _transform(row)
 
 
 def ego_to_global(nusc, sample_data_token: str) -> np.ndarray:
   """[4,4] ego(t of the sample_data) -> global."""
   sd = nusc.get('sample_data', sample_data_token)
-  return _transform(nusc.get('ego_pose', sd['ego_pose_token']))
+  row = nusc.get('ego_pose', sd['ego_pose_token'])
+  check_pose(row, _where(nusc, 'ego_pose', row, sd))
+  return _transform(row)
 
 
 def camera_to_lidar(nusc, cam_token: str, lidar_token: str,
@@ -157,13 +228,21 @@ def boxes_in_lidar(nusc, lidar_token: str, lidar2ego: np.ndarray, ego2global: np
 
 def _require_file(path: str, what: str, sample_token: str) -> None:
   if not os.path.isfile(path):
-    raise MissingInputError(f'missing {what} file {path} (sample {sample_token})')
+    raise MissingInputError(f'missing {what} file {path} (sample {sample_token})', path)
 
 
-def load_points(nusc, sample: dict[str, Any], num_sweeps: int) -> np.ndarray:
-  """float32 [N, 5] (x, y, z, intensity, time lag s): key frame + sweeps in its LiDAR frame.
+def valid_points(points: np.ndarray) -> np.ndarray:
+  """bool [N] of points [N, 5]: every value finite and |x|, |y|, |z| <= MAX_ABS_COORD."""
+  return (np.all(np.isfinite(points), axis=1)
+          & np.all(np.abs(points[:, :3]) <= MAX_ABS_COORD, axis=1))
 
-  Exactly from_file_multisweep (which also drops returns within 1 m of the sensor).
+
+def load_points(nusc, sample: dict[str, Any], num_sweeps: int) -> tuple[np.ndarray, int]:
+  """(float32 [N, 5] points, number dropped): key frame + sweeps in the key frame LiDAR frame.
+
+  Points are (x, y, z, intensity, time lag s), exactly from_file_multisweep (which also drops
+  returns within 1 m of the sensor), minus returns that are not valid_points (NaN, inf or
+  farther than MAX_ABS_COORD in a file: corrupt values, never measurements).
   """
   from nuscenes.utils.data_classes import LidarPointCloud
   lidar = nusc.get('sample_data', sample['data'][LIDAR])
@@ -173,19 +252,33 @@ def load_points(nusc, sample: dict[str, Any], num_sweeps: int) -> np.ndarray:
                                                         nsweeps=num_sweeps)
   except (OSError, ValueError) as e:
     name = getattr(e, 'filename', None) or str(e)
-    raise MissingInputError(f'unreadable LiDAR sweep {name} (sample {sample["token"]})') from e
-  return np.concatenate([cloud.points.T, times.T], axis=1).astype(np.float32)
+    what = 'missing' if isinstance(e, FileNotFoundError) else 'unreadable'
+    raise MissingInputError(f'{what} LiDAR sweep {name} (sample {sample["token"]})',
+                            getattr(e, 'filename', None) or '') from e
+  with np.errstate(invalid='ignore'):
+    points = np.concatenate([cloud.points.T, times.T], axis=1)
+    keep = valid_points(points)
+  return points[keep].astype(np.float32), int(np.count_nonzero(~keep))
 
 
-def load_image(path: str, settings: RecordSettings, sample_token: str
-               ) -> tuple[bytes, tuple[int, int]]:
-  """(JPEG bytes at the stored size, native (h, w)) of one camera image."""
+def load_image(path: str, settings: RecordSettings, sample_token: str,
+               expected_hw: tuple[int, int] | None = None) -> tuple[bytes, tuple[int, int]]:
+  """(JPEG bytes at the stored size, native (h, w)) of one camera image.
+
+  expected_hw: the sample_data row's (height, width). An image of another size is a
+  BadInputError rather than a resize: the row's camera_intrinsic may be for either size, and
+  guessing wrong would shift every projection silently.
+  """
   import cv2
   _require_file(path, 'camera image', sample_token)
   image = cv2.imread(path, cv2.IMREAD_COLOR)
   if image is None:
-    raise MissingInputError(f'unreadable camera image {path} (sample {sample_token})')
+    raise MissingInputError(f'unreadable camera image {path} (sample {sample_token})', path)
   native = image.shape[:2]
+  if expected_hw is not None and tuple(native) != tuple(expected_hw):
+    raise BadInputError(f'camera image {path} (sample {sample_token}) is {native[1]}x'
+                        f'{native[0]} px but its sample_data row says {expected_hw[1]}x'
+                        f'{expected_hw[0]}')
   out_hw = (settings.image_height, settings.image_width)
   if native != out_hw:
     image = cv2.resize(image, out_hw[::-1], interpolation=cv2.INTER_AREA)
@@ -196,7 +289,8 @@ def load_image(path: str, settings: RecordSettings, sample_token: str
 
 
 def make_record(nusc, nusc_map, sample_token: str, settings: RecordSettings) -> dict[str, Any]:
-  """The record of DESIGN.md for one key frame (numpy values, JPEG bytes for images)."""
+  """The record of DESIGN.md for one key frame (numpy values, JPEG bytes for images), plus
+  `invalid_points` (returns dropped by load_points; record_io.EXTRA_KEYS)."""
   sample = nusc.get('sample', sample_token)
   scene = nusc.get('scene', sample['scene_token'])
   lidar_token = sample['data'][LIDAR]
@@ -208,14 +302,16 @@ def make_record(nusc, nusc_map, sample_token: str, settings: RecordSettings) -> 
       raise MissingInputError(f'sample {sample_token} has no {cam} key frame')
     cam_token = sample['data'][cam]
     sd = nusc.get('sample_data', cam_token)
-    data, native = load_image(os.path.join(nusc.dataroot, sd['filename']), settings,
-                              sample_token)
-    images.append(data)
     calib = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
-    intrinsics.append(resized_intrinsics(np.asarray(calib['camera_intrinsic']), native,
+    intrinsic = check_intrinsic(calib, _where(nusc, 'calibrated_sensor', calib, sd))
+    data, native = load_image(os.path.join(nusc.dataroot, sd['filename']), settings,
+                              sample_token, (sd['height'], sd['width']))
+    images.append(data)
+    intrinsics.append(resized_intrinsics(intrinsic, native,
                                          (settings.image_height, settings.image_width)))
     cam2lidar.append(camera_to_lidar(nusc, cam_token, lidar_token))
   boxes, labels = boxes_in_lidar(nusc, lidar_token, lidar2ego, ego2global)
+  points, invalid_points = load_points(nusc, sample, settings.num_sweeps)
   return {
       'token': sample_token,
       'scene_name': scene['name'],
@@ -225,8 +321,9 @@ def make_record(nusc, nusc_map, sample_token: str, settings: RecordSettings) -> 
       'cam2lidar': np.asarray(cam2lidar, np.float32),
       'lidar2ego': lidar2ego.astype(np.float32),
       'ego2global': ego2global.astype(np.float32),
-      'points': load_points(nusc, sample, settings.num_sweeps),
+      'points': points,
       'bev_map': bev_map(nusc_map, ego2global @ lidar2ego, settings),
       'boxes': boxes,
       'box_labels': labels,
+      'invalid_points': invalid_points,  # not a feature: for conversion_stats.json
   }

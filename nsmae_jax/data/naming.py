@@ -39,6 +39,10 @@ def record_dir(data_dir: str, data_config: Any) -> str:
   return os.path.join(data_dir, f'{NAME}_records', config_name(data_config))
 
 
-def record_path(records: str, split: str, index: int, token: str) -> str:
-  """Where the converter keeps the pickled record of one key frame of a split."""
-  return os.path.join(records, split, f'{index:06d}_{token}.pkl')
+def record_path(records: str, split: str, token: str) -> str:
+  """Where the converter keeps the record file of one key frame of a split.
+
+  The sample token names the key frame; the split's order lives in the converter's token list.
+  The format (data_prep.nuscenes_nsmae.record_io) is an .npz read without pickle.
+  """
+  return os.path.join(records, split, f'{token}.npz')
