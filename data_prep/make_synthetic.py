@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -28,9 +29,24 @@ _TABLE_ORDER = ('attribute', 'calibrated_sensor', 'category', 'ego_pose', 'insta
                 'sample', 'sample_annotation', 'sample_data', 'scene', 'sensor', 'visibility')
 
 
+class SettingError(ValueError):
+  """A bad argument of generate(); `flag` names the command-line flag it comes from."""
+
+  def __init__(self, flag: str, value, why: str):
+    super().__init__(f'make_synthetic: invalid {flag}={value!r}: {why}')
+    self.flag, self.value, self.why = flag, value, why
+
+  def __reduce__(self):
+    return type(self), (self.flag, self.value, self.why)
+
+  def flag_message(self) -> str:
+    """`--flag: problem`, the one-line form of the command-line tools."""
+    return f'--{self.flag}: invalid value {self.value!r}: {self.why}'
+
+
 def _check(cond: bool, flag: str, value, why: str) -> None:
   if not cond:
-    raise ValueError(f'make_synthetic: invalid {flag}={value!r}: {why}')
+    raise SettingError(flag, value, why)
 
 
 def _scene_job(args):
@@ -172,14 +188,26 @@ def _define_flags() -> None:
   flags.DEFINE_string('version', 'v1.0-trainval', 'nuScenes version directory name.')
 
 
+def _usage_error(message: str) -> None:
+  """Exits like the other entry points on a bad flag: one line, status 2, no traceback."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _usage_error(f'unexpected positional arguments {list(argv[1:])}')
   if not FLAGS.out:
-    raise app.UsageError('--out is required')
-  generate(FLAGS.out, num_scenes=FLAGS.num_scenes, val_scenes=FLAGS.val_scenes,
-           frames_per_scene=FLAGS.frames_per_scene, sweeps_per_frame=FLAGS.sweeps_per_frame,
-           image_width=FLAGS.image_width, image_height=FLAGS.image_height, seed=FLAGS.seed,
-           workers=FLAGS.workers, overwrite=FLAGS.overwrite, version=FLAGS.version, log=print)
+    _usage_error('--out: required (the dataroot to write)')
+  try:
+    generate(FLAGS.out, num_scenes=FLAGS.num_scenes, val_scenes=FLAGS.val_scenes,
+             frames_per_scene=FLAGS.frames_per_scene, sweeps_per_frame=FLAGS.sweeps_per_frame,
+             image_width=FLAGS.image_width, image_height=FLAGS.image_height, seed=FLAGS.seed,
+             workers=FLAGS.workers, overwrite=FLAGS.overwrite, version=FLAGS.version, log=print)
+  except SettingError as e:
+    _usage_error(e.flag_message())
+  except FileExistsError as e:  # a non-empty --out: says to pass --overwrite, or why not
+    _usage_error(str(e))
 
 
 if __name__ == '__main__':

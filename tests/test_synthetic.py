@@ -180,3 +180,25 @@ def test_splits_file_format(synthetic_dataroot):
     data = json.load(f)
   assert set(data) == {'train', 'val'} and len(data['train']) == 2 and len(data['val']) == 1
   assert data == {'train': ['scene-0001', 'scene-0002'], 'val': ['scene-0003']}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, message', [
+    (['--num_scenes=2'], 'error: --val_scenes: invalid value 2: need 0 <= val_scenes < '
+                         'num_scenes (2)'),
+    (['--val_scenes=0', '--image_width=8'], 'error: --image_width: invalid value 8: need '
+                                            '16..4000'),
+])
+def test_cli_bad_value_is_one_line_and_exit_2(tmp_path, args, message):
+  """Like the other entry points' bad flags: one `error: --flag: ...` line, status 2, no
+  traceback, nothing written."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'world'
+  result = subprocess.run([sys.executable, '-m', 'data_prep.make_synthetic', f'--out={out}',
+                           *args], cwd=repo, capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == message
+  assert not out.exists()
