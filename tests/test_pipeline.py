@@ -112,6 +112,8 @@ def test_same_seed_same_order_and_epochs_cover_all(fake_config):
   np.testing.assert_array_equal(a, b)
   c = ids(fake_config.replace(seed=1), 6)
   assert not np.array_equal(a, c)
+  # grain seeds epoch e by seed + e: seed 1 must not replay seed 0's epochs shifted by one.
+  assert not np.array_equal(c[:NUM_TRAIN], a[NUM_TRAIN:2 * NUM_TRAIN])
   # 24 slots = 2 full epochs of 11 + 2: each epoch is a permutation of the split.
   assert sorted(a[:NUM_TRAIN]) == list(range(NUM_TRAIN))
   assert sorted(a[NUM_TRAIN:2 * NUM_TRAIN]) == list(range(NUM_TRAIN))

@@ -239,7 +239,10 @@ def make_train_iterator(config: Config, *, label_fraction: float = 1.0, subset_s
   examples = subsets.labelled_subset(len(index), label_fraction, subset_seed)
   decoder = _decoder(config, index, features, augmentation=augmentation)
   ds = grain.MapDataset.source(ShardSource(index, examples))
-  ds = ds.shuffle(seed=decoder.seed).repeat()  # each epoch reshuffled with (seed, epoch)
+  # grain seeds epoch e with shuffle_seed + e; a hashed seed keeps run seed s + 1 from
+  # replaying the epochs of run seed s one epoch early.
+  shuffle_seed = int(np.random.SeedSequence(decoder.seed).generate_state(1)[0])
+  ds = ds.shuffle(seed=shuffle_seed).repeat()  # each epoch reshuffled
   ds = ds.map_with_index(decoder)  # index = stream position q, before the process split
   ds = ds[pi::pc].batch(local, drop_remainder=True)
   identity = {'seed': decoder.seed, 'split': split, 'num_examples': int(len(examples)),
