@@ -1,11 +1,13 @@
-"""Pillar encoder: point-order invariance, padding ignored, empty pillars zero, exact masking."""
+"""Pillar encoder: point-order invariance, padding ignored, empty pillars zero, exact block
+masking (no point of a dropped block reaches the canvas)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsmae_jax.models.pillars import PillarFeatureNet, mask_pillars, pillar_ids
+from nsmae_jax.models.pillars import (PillarFeatureNet, block_to_pillars, mask_pillars,
+                                     pillar_ids)
 
 CELLS, E, ZMIN, ZMAX = 16, 8.0, -3.0, 3.0
 
@@ -77,9 +79,10 @@ def test_masking_drops_the_exact_fraction_of_non_empty_pillars(ratio):
   ids = pillar_ids(np.concatenate([pts, pts2]), np.concatenate([mask, mask2]), CELLS, E, ZMIN,
                    ZMAX)
   n = CELLS * CELLS
-  new_ids, dropped = jax.jit(mask_pillars, static_argnums=(2, 3))(jax.random.key(0), ids, n,
+  new_ids, dropped = jax.jit(mask_pillars, static_argnums=(2, 3))(jax.random.key(0), ids, CELLS,
                                                                     ratio)
-  ids, new_ids, dropped = np.asarray(ids), np.asarray(new_ids), np.asarray(dropped)
+  ids, new_ids = np.asarray(ids), np.asarray(new_ids)
+  dropped = np.asarray(dropped).reshape(2, n)  # block = 1: one block per pillar
   for b in range(2):
     nonempty = np.zeros(n, bool)
     nonempty[ids[b][ids[b] < n]] = True
@@ -89,6 +92,51 @@ def test_masking_drops_the_exact_fraction_of_non_empty_pillars(ratio):
     kept[new_ids[b][new_ids[b] < n]] = True
     np.testing.assert_array_equal(kept, nonempty & ~dropped[b])
   # Different keys give different subsets.
-  _, other = mask_pillars(jax.random.key(1), jnp.asarray(ids), n, 0.5)
-  _, first = mask_pillars(jax.random.key(0), jnp.asarray(ids), n, 0.5)
+  _, other = mask_pillars(jax.random.key(1), jnp.asarray(ids), CELLS, 0.5)
+  _, first = mask_pillars(jax.random.key(0), jnp.asarray(ids), CELLS, 0.5)
   assert not np.array_equal(np.asarray(other), np.asarray(first))
+
+
+@pytest.mark.parametrize('block', [2, 4])
+def test_block_masking_hides_every_point_of_a_dropped_block(pfn, block):
+  """Blocks of block x block pillars (the backbone uses a fused-volume cell): the exact
+  fraction of non-empty blocks is dropped, and their pillars are empty in the canvas."""
+  pts, mask = _points(8)
+  ids = pillar_ids(pts, mask, CELLS, E, ZMIN, ZMAX)
+  new_ids, dropped = jax.jit(mask_pillars, static_argnums=(2, 3, 4))(
+      jax.random.key(3), ids, CELLS, 0.5, block)
+  ids, new_ids, dropped = np.asarray(ids)[0], np.asarray(new_ids)[0], np.asarray(dropped)[0]
+  nb = CELLS // block
+  assert dropped.shape == (nb, nb)
+  valid = ids < CELLS * CELLS
+  bi, bj = ids[valid] // CELLS // block, ids[valid] % CELLS // block
+  nonempty = np.zeros((nb, nb), bool)
+  nonempty[bi, bj] = True
+  assert dropped.sum() == round(0.5 * nonempty.sum()) and not (dropped & ~nonempty).any()
+  in_dropped = np.zeros_like(valid)
+  in_dropped[valid] = dropped[bi, bj]
+  assert in_dropped.sum() > 0 and (valid & ~in_dropped).sum() > 0
+  # Points of dropped blocks go to the dump id, every other point keeps its pillar.
+  np.testing.assert_array_equal(new_ids[in_dropped], CELLS * CELLS)
+  np.testing.assert_array_equal(new_ids[~in_dropped], ids[~in_dropped])
+  # The per-pillar mask is the block mask, pillar (i, j) in block (i // block, j // block).
+  per_pillar = np.asarray(block_to_pillars(jnp.asarray(dropped)[None], block))[0]
+  pi, pj = np.divmod(np.arange(CELLS * CELLS), CELLS)
+  np.testing.assert_array_equal(per_pillar, dropped[pi // block, pj // block])
+  # In the canvas of the masked ids, dropped blocks are all zeros, while kept points still
+  # fill their pillars.
+  net = PillarFeatureNet(features=16, cells=CELLS, half_extent=E)
+  params = net.init(jax.random.key(0), pts, jnp.asarray(ids)[None])
+  apply = jax.jit(net.apply)
+  canvas = np.asarray(apply(params, pts, jnp.asarray(new_ids)[None]))[0]
+  up = np.repeat(np.repeat(dropped, block, 0), block, 1)
+  assert np.all(canvas[up] == 0.0)
+  kept_pillar = np.zeros(CELLS * CELLS, bool)
+  kept_pillar[new_ids[new_ids < CELLS * CELLS]] = True
+  assert np.all(np.abs(canvas.reshape(-1, 16)[kept_pillar]).sum(-1) > 0)
+  # Moving the points inside dropped blocks (same blocks, so the same mask) changes nothing.
+  moved = pts.copy()
+  moved[0, in_dropped, 2] = np.clip(moved[0, in_dropped, 2] + 0.5, ZMIN, ZMAX)
+  ids_moved, _ = mask_pillars(jax.random.key(3), pillar_ids(moved, mask, CELLS, E, ZMIN, ZMAX),
+                              CELLS, 0.5, block)
+  np.testing.assert_array_equal(apply(params, moved, ids_moved), canvas[None])

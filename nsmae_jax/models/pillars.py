@@ -1,4 +1,4 @@
-"""LiDAR pillar encoder (PointPillars-style) with MAE pillar masking, and its BEV backbone.
+"""LiDAR pillar encoder (PointPillars-style) with MAE block masking, and its BEV backbone.
 
 Frames: points are in the key frame's LiDAR frame (x right, y forward, z up, m). The pillar
 canvas covers [-E, E]^2 with `cells` pillars per side; pillar (i, j) has flat id i * cells + j
@@ -28,29 +28,48 @@ def pillar_ids(points: jnp.ndarray, points_mask: jnp.ndarray, cells: int, half_e
   return jnp.where(inside, ij[..., 0] * cells + ij[..., 1], cells * cells)
 
 
-def mask_pillars(key: jax.Array, ids: jnp.ndarray, num_pillars: int,
-                 ratio: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """MAE masking: drops round(ratio * n) of the n non-empty pillars of each sample.
+def mask_pillars(key: jax.Array, ids: jnp.ndarray, cells: int, ratio: float,
+                 block: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """MAE masking in square blocks of block x block pillars: drops round(ratio * n) of the n
+  non-empty blocks of each sample.
+
+  Blocks are as large as a fused-volume cell (block = volume_stride): a pillar finer than the
+  volume is almost never hidden with all its neighbours in the same volume cell, so pillar-wise
+  masking leaves every volume cell partly visible and the reconstruction nearly trivial.
 
   Args:
-    key: PRNGKey; ids: [B, P] pillar ids (num_pillars = dropped); ratio in [0, 1).
+    key: PRNGKey; ids: [B, P] pillar ids of a `cells` x `cells` canvas (cells**2 = dropped);
+    ratio in [0, 1); block: block edge in pillars (divides cells).
 
   Returns:
-    ids [B, P] with the points of dropped pillars moved to the dump id, and dropped [B, N] bool.
+    ids [B, P] with the points of dropped blocks moved to the dump id, and dropped
+    [B, cells / block, cells / block] bool (True = dropped), block (i, j) covering pillars
+    [i block, (i + 1) block) x [j block, (j + 1) block) (the volume's [x, y] grid).
   """
+  num_pillars, nb = cells * cells, cells // block
+  num_blocks = nb * nb
+
   def one(k, pid):
-    counts = jax.ops.segment_sum(jnp.ones_like(pid), pid, num_pillars + 1)[:num_pillars]
+    i, j = pid // cells, pid % cells
+    bid = jnp.where(pid < num_pillars, (i // block) * nb + j // block, num_blocks)
+    counts = jax.ops.segment_sum(jnp.ones_like(bid), bid, num_blocks + 1)[:num_blocks]
     nonempty = counts > 0
     n_drop = jnp.round(ratio * jnp.sum(nonempty)).astype(jnp.int32)
-    # Non-empty pillars get scores in [0, 1), empty ones 2: the first n_drop of a stable sort
-    # are a uniformly random subset of the non-empty pillars of exactly that size.
-    score = jnp.where(nonempty, jax.random.uniform(k, (num_pillars,)), 2.0)
+    # Non-empty blocks get scores in [0, 1), empty ones 2: the first n_drop of a stable sort
+    # are a uniformly random subset of the non-empty blocks of exactly that size.
+    score = jnp.where(nonempty, jax.random.uniform(k, (num_blocks,)), 2.0)
     order = jnp.argsort(score, stable=True)
-    rank = jnp.zeros((num_pillars,), jnp.int32).at[order].set(jnp.arange(num_pillars))
+    rank = jnp.zeros((num_blocks,), jnp.int32).at[order].set(jnp.arange(num_blocks))
     dropped = rank < n_drop
-    dropped_point = jnp.concatenate([dropped, jnp.zeros((1,), bool)])[pid]
-    return jnp.where(dropped_point, num_pillars, pid), dropped
+    dropped_point = jnp.concatenate([dropped, jnp.zeros((1,), bool)])[bid]
+    return jnp.where(dropped_point, num_pillars, pid), dropped.reshape(nb, nb)
   return jax.vmap(one)(jax.random.split(key, ids.shape[0]), ids)
+
+
+def block_to_pillars(dropped: jnp.ndarray, block: int) -> jnp.ndarray:
+  """[B, nb, nb] block mask -> [B, (nb block)**2] per-pillar mask (flat pillar ids)."""
+  up = jnp.repeat(jnp.repeat(dropped, block, axis=1), block, axis=2)
+  return up.reshape(dropped.shape[0], -1)
 
 
 def point_features(points: jnp.ndarray, ids: jnp.ndarray, cells: int,
@@ -140,7 +159,8 @@ class BEVBackbone(nn.Module):
 class LiDAREncoder(nn.Module):
   """Points -> (masked) pillars -> PFN -> BEV backbone.
 
-  Attributes: pillar canvas geometry, widths, the mask ratio.
+  Attributes: pillar canvas geometry, widths, the mask ratio and the masking block edge in
+  pillars (the backbone uses volume_stride: blocks = fused-volume cells).
   """
   cells: int
   half_extent: float
@@ -151,19 +171,22 @@ class LiDAREncoder(nn.Module):
   bev_blocks: int
   out_stride: int
   mask_ratio: float
+  mask_block: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, points: jnp.ndarray, points_mask: jnp.ndarray,
                mask: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """points [B, P, 5], points_mask [B, P] -> BEV features [B, X, Y, bev_channels] and the
-    dropped pillars [B, cells**2] (all False when mask is False); uses the 'mask' rng."""
-    n = self.cells * self.cells
+    dropped blocks [B, cells / mask_block, cells / mask_block] (all False when mask is False);
+    uses the 'mask' rng."""
     ids = pillar_ids(points, points_mask, self.cells, self.half_extent, self.z_min, self.z_max)
     if mask and self.mask_ratio > 0:
-      ids, dropped = mask_pillars(self.make_rng('mask'), ids, n, self.mask_ratio)
+      ids, dropped = mask_pillars(self.make_rng('mask'), ids, self.cells, self.mask_ratio,
+                                  self.mask_block)
     else:
-      dropped = jnp.zeros(ids.shape[:1] + (n,), bool)
+      nb = self.cells // self.mask_block
+      dropped = jnp.zeros(ids.shape[:1] + (nb, nb), bool)
     canvas = PillarFeatureNet(self.pillar_features, self.cells, self.half_extent,
                               dtype=self.dtype, name='pfn')(points, ids)
     bev = BEVBackbone(self.bev_channels, self.bev_blocks, self.out_stride, dtype=self.dtype,
