@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nsmae_jax.geometry import bev_rays
 from nsmae_jax.render import (box_near_far, composite, render_rays, stratified_samples,
                               trilinear_interpolate)
 
@@ -52,6 +53,23 @@ def test_constant_density_closed_form():
   mean_i = a * q * (1 - s * q ** (s - 1) + (s - 1) * q ** s) / (1 - q) ** 2  # sum_i<s i q^i a
   expected = (near + d / 2) * geo + d * mean_i + q ** s * far
   np.testing.assert_allclose(out['depth'], expected, rtol=1e-5)
+
+
+def test_background_fills_the_remaining_transmittance():
+  rng = np.random.default_rng(1)
+  density = rng.exponential(0.2, size=(16, 8)).astype(np.float32)
+  color = rng.uniform(size=(16, 8, 3)).astype(np.float32)
+  deltas = np.full((16, 8), 0.5, np.float32)
+  t = (np.cumsum(deltas, -1) - 0.25).astype(np.float32)
+  bg = jnp.array([0.2, 0.4, 0.8])
+  black = composite(density, color, t, deltas, jnp.full((16,), 4.0))
+  out = composite(density, color, t, deltas, jnp.full((16,), 4.0), background=bg)
+  np.testing.assert_allclose(out['color'], black['color'] + (1 - black['opacity'])[:, None] * bg,
+                             rtol=1e-5, atol=1e-6)
+  # Empty space shows exactly the background; depth and opacity do not depend on it.
+  empty = composite(jnp.zeros((8,)), color[0], t[0], deltas[0], jnp.float32(4.0), bg)
+  np.testing.assert_allclose(empty['color'], bg, rtol=1e-6)
+  np.testing.assert_array_equal(out['depth'], black['depth'])
 
 
 def test_opaque_slab_gives_its_distance():

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 
 def composite(density: jnp.ndarray, color: jnp.ndarray, t: jnp.ndarray, deltas: jnp.ndarray,
-              far: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+              far: jnp.ndarray | None = None,
+              background: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
   """Composites samples along rays.
 
   Args:
@@ -20,9 +21,11 @@ def composite(density: jnp.ndarray, color: jnp.ndarray, t: jnp.ndarray, deltas: 
     deltas: [..., S] length of each sample's interval (m).
     far: [...] far bound of the ray; the transmittance left after the last sample is placed
       there in the expected depth (so depth stays in [near, far]). None: left out.
+    background: [3] (or broadcastable to [..., 3]) colour met by the light that leaves the
+      last sample: color gains T_S * background. None: black.
 
   Returns:
-    dict with weights [..., S], color [..., 3] (sum w c, black background), depth [...]
+    dict with weights [..., S], color [..., 3] (sum w c + T_S background), depth [...]
     (sum w t + T_S far), opacity [...] (sum w = 1 - T_S), transmittance [..., S] (T_i, the
     light reaching sample i).
   """
@@ -38,4 +41,6 @@ def composite(density: jnp.ndarray, color: jnp.ndarray, t: jnp.ndarray, deltas: 
   if far is not None:
     depth = depth + jnp.exp(-cum[..., -1]) * far
   rgb = jnp.sum(weights[..., None] * color, axis=-2)
+  if background is not None:
+    rgb = rgb + jnp.exp(-cum[..., -1:]) * background
   return dict(weights=weights, color=rgb, depth=depth, opacity=opacity, transmittance=trans)

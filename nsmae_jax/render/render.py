@@ -25,7 +25,8 @@ def sample_ray(volume: jnp.ndarray, origin: jnp.ndarray, direction: jnp.ndarray,
 
 def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
                 near: jnp.ndarray, far: jnp.ndarray, num_samples: int, box_min, box_max,
-                key: jax.Array | None = None) -> dict[str, jnp.ndarray]:
+                key: jax.Array | None = None,
+                background: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
   """Renders R rays through each of B fused volumes.
 
   Args:
@@ -35,6 +36,7 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
     origins, dirs: [B, R, 3] LiDAR frame, unit dirs; near, far: [B, R] (m).
     num_samples: S.
     key: PRNGKey for stratified jitter, None for deterministic bin centres (eval).
+    background: [3] colour behind the volume (composite()); None = black.
 
   Returns:
     composite() outputs with leading [B, R] plus t [B, R, S].
@@ -55,6 +57,6 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
                             jnp.broadcast_to(dirs[:, :, None, :], points.shape).reshape(-1, 3))
   density = density.reshape(b, r, num_samples).astype(jnp.float32)
   color = color.reshape(b, r, num_samples, 3).astype(jnp.float32)
-  out = jax.vmap(jax.vmap(composite))(density, color, t, deltas, far)
+  out = composite(density, color, t, deltas, far, background)
   out['t'] = t
   return out
