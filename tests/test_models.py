@@ -1,5 +1,6 @@
-"""The whole pre-training model: gradients reach every parameter group, one compilation per
-config, the backbone interface, eval metrics and full-view renders."""
+"""The whole pre-training model: gradients reach every parameter group and every restored
+backbone leaf, one compilation per config, the backbone interface (block masking hides LiDAR
+points), eval metrics with and without masking, and full-view renders."""
 
 import chex
 import jax
@@ -19,11 +20,17 @@ SMALL = dict(vit_width=32, vit_depth=1, vit_heads=2, pillar_features=16, bev_cha
              num_samples=8, field_width=16)
 
 
+def _batch(config, seed=0):
+  b = fake_batch(config, 1, seed=seed)
+  b['points'][:, ::2, 4] = 0.0  # fake batches hold sweeps only: make half the points key-frame
+  return jax.tree.map(jnp.asarray, b)
+
+
 @pytest.fixture(scope='module')
 def setup():
   config = tiny_config(**SMALL)
   task = pretrain.pretrain_task(config)
-  batch = jax.tree.map(jnp.asarray, fake_batch(config, 1))
+  batch = _batch(config)
   # Jitted: an eager init dispatches (and compiles) every op on its own, minutes on 2 cores.
   params = jax.jit(task.init_params)(jax.random.key(0), batch)
   return config, task.model, batch, params
@@ -31,10 +38,10 @@ def setup():
 
 def test_params_tree_has_the_backbone_subtree_and_groups(setup):
   _, _, _, params = setup
-  assert set(params) == {'backbone', 'field'}
+  assert set(params) == {'backbone', 'field', 'bev_decoder', 'background'}
   assert set(params['backbone']) == {'lidar', 'camera', 'lifting', 'fusion'}
   groups = pretrain.param_groups(params)
-  assert set(groups) == {'lidar', 'camera', 'lifting', 'fusion', 'field'}
+  assert set(groups) == {'lidar', 'camera', 'lifting', 'fusion', 'field', 'bev_decoder'}
 
 
 def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
@@ -47,7 +54,7 @@ def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
                               has_aux=True)(params)
 
   (loss, aux), grads = step(params, batch, jax.random.key(0))
-  other = jax.tree.map(jnp.asarray, fake_batch(setup[0], 1, seed=5))
+  other = _batch(setup[0], seed=5)
   (loss2, _), _ = step(params, other, jax.random.key(1))   # new values, same trace
   assert np.isfinite(loss) and np.isfinite(loss2) and loss != loss2
   for name in ('loss', 'perspective_color_loss', 'perspective_depth_loss', 'bev_color_loss',
@@ -56,6 +63,13 @@ def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
   for name, tree in pretrain.param_groups(grads).items():
     norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
     assert norm > 0 and np.isfinite(norm), name
+  # Every leaf that fine-tuning restores learns in pre-training, fusion's bev_conv included
+  # (the BEV view renders the fused BEV map).
+  dead = [jax.tree_util.keystr(path) for path, g in
+          jax.tree_util.tree_leaves_with_path(grads['backbone'])
+          if not (np.any(np.asarray(g) != 0) and np.all(np.isfinite(g)))]
+  assert not dead, dead
+  assert 'bev_conv' in grads['backbone']['fusion']
 
 
 def test_backbone_interface_shapes(setup):
@@ -68,6 +82,55 @@ def test_backbone_interface_shapes(setup):
   size = models.resolve_size(config)
   assert feats['bev'].shape == (1, x, y, size.bev_channels)
   assert feats['volume'].shape == (1, x, y, z, size.volume_channels)
+  assert feats['lidar_block_mask'].shape == (1, x, y)
+  assert feats['pillar_mask'].shape == (1, config.pillar_cells ** 2)
+
+
+def test_nothing_of_a_dropped_lidar_block_reaches_the_backbone(setup):
+  """Moving the points inside dropped blocks (fused-volume cells) leaves every backbone output
+  unchanged; moving points of a kept block does not."""
+  config, model, batch, params = setup
+  apply = jax.jit(lambda p, b: model.apply({'params': p}, b, mask=True, method=model.encode,
+                                           rngs={'mask': jax.random.key(3)}))
+  feats = apply(params, batch)
+  dropped = np.asarray(feats['lidar_block_mask'])[0]
+  assert 0 < dropped.sum() < dropped.size
+  pts = np.asarray(batch['points'])[0]
+  valid = np.asarray(batch['points_mask'])[0]
+  block = config.model.pillar_size * config.model.volume_stride
+  ij = np.floor((pts[:, :2] + config.data.bev_half_extent) / block).astype(int)
+  in_dropped = valid & dropped[ij[:, 0], ij[:, 1]]
+  in_kept = valid & ~dropped[ij[:, 0], ij[:, 1]]
+  assert in_dropped.sum() > 0 and in_kept.sum() > 0
+
+  def moved(which):
+    p = pts.copy()
+    # Same x-y block (so the same blocks are non-empty and the same mask is drawn); new height
+    # and intensity.
+    p[which, 2] = np.clip(p[which, 2] * 0.5 + 0.3, config.model.z_min, config.model.z_max)
+    p[which, 3] = 1.0 - p[which, 3]
+    return apply(params, dict(batch, points=jnp.asarray(p)[None]))
+
+  hidden, visible = moved(in_dropped), moved(in_kept)
+  np.testing.assert_array_equal(hidden['lidar_block_mask'], feats['lidar_block_mask'])
+  for key in ('bev', 'volume'):
+    np.testing.assert_array_equal(hidden[key], feats[key], err_msg=key)
+  assert not np.allclose(visible['bev'], feats['bev'])
+
+
+def test_eval_reports_unmasked_and_masked_figures(setup):
+  _, model, batch, params = setup
+  loss, aux = jax.jit(lambda p, b: losses.pretrain_loss(model, p, b, jax.random.key(0),
+                                                        train=False))(params, batch)
+  m = {k: float(v) for k, v in aux['metrics'].items()}
+  plain = {k for k in m if not k.startswith('masked_')}
+  assert {'loss', 'perspective_color_loss', 'bev_depth_loss', 'depth_abs_rel'} <= plain
+  assert {f'masked_{k}' for k in plain} == set(m) - plain
+  assert all(np.isfinite(v) for v in m.values())
+  assert float(loss) == m['loss']
+  # The masked pass sees less and is scored on hidden targets only: a different figure.
+  assert m['masked_perspective_color_loss'] != m['perspective_color_loss']
+  assert m['masked_bev_depth_loss'] != m['bev_depth_loss']
 
 
 def test_render_views_shapes_and_targets(setup):
@@ -96,7 +159,7 @@ def test_unknown_model_size_names_the_flag():
 def test_named_sizes_build(size):
   config = tiny_config(model_size=size)
   init = pretrain.pretrain_task(config).init_params
-  batch = jax.tree.map(jnp.asarray, fake_batch(config, 1))
+  batch = _batch(config)
   shapes = jax.eval_shape(init, jax.random.key(0), batch)
   count = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert count > (1e6 if size == 'demo' else 50e6)

@@ -1,9 +1,11 @@
 """NS-MAE pre-training: the model (backbone + radiance field), rays and targets drawn in one
 place, the losses, and the Task the generic training loop runs.
 
-model.py     NSMAE: encode (masked) inputs into the fused volume, render it along given rays
+model.py     NSMAE: encode (masked) inputs into the fused volume and BEV map, render them
+             (perspective view: the volume; BEV view: the BEV map) over a learned background
 targets.py   rays and their colour/depth targets from the unmasked batch (step and full view)
-losses.py    L2 colour + L1 depth per view, weighted; full-view renders for pictures
+losses.py    L2 colour + L1 depth per view, weighted; hidden (masked) targets scored or
+             weighted up per --masked_loss; eval with and without masking; full-view renders
 task.py      pretrain_task(config) for nsmae_jax.train.train_and_evaluate
 """
 

@@ -1,11 +1,18 @@
 """The NS-MAE pre-training model: the shared backbone encodes the (masked) inputs into a fused
-volume, a radiance field renders that volume along given rays.
+volume and a fused BEV map; a radiance field renders the volume in the perspective view and
+the BEV map (decoded into a volume) in the BEV view.
 
 The model draws no rays and knows no targets: nsmae_jax.pretrain.targets draws both, from the
 unmasked batch, in one place, for the training step and for full-view pictures alike.
 
-Parameter tree: {'backbone': {'lidar', 'camera', 'lifting', 'fusion'}, 'field'}; fine-tuning
-restores 'backbone'.
+Why the BEV view renders the BEV map: the paper renders the fused representation "in both
+perspective and BEV views", the BEV one from the fused BEV features; and the BEV map (fusion's
+bev_conv) is what the fine-tuning heads start from, so it has to learn in pre-training. A linear
+`bev_decoder` lifts each BEV cell's features to the Z cells of its column (as fusion's
+height_lift does for the LiDAR BEV), and the same field renders it.
+
+Parameter tree: {'backbone': {'lidar', 'camera', 'lifting', 'fusion'}, 'field', 'bev_decoder',
+'background' (only with --background=learned)}; fine-tuning restores 'backbone'.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from nsmae_jax.render import RadianceField, box_near_far, render_rays
 
 
 class NSMAE(nn.Module):
-  """Submodules: backbone (NSMAEBackbone), field (RadianceField). Geometry in the LiDAR frame."""
+  """Submodules: backbone (NSMAEBackbone), field (RadianceField), bev_decoder; a learned
+  background colour. Geometry in the LiDAR frame."""
   config: Config
 
   def setup(self):
@@ -32,34 +40,52 @@ class NSMAE(nn.Module):
     self.field = RadianceField(width=c.render.field_width, depth=c.render.field_depth,
                                pos_freqs=c.render.pos_freqs, dir_freqs=c.render.dir_freqs,
                                box_min=self.box_min, box_max=self.box_max, dtype=dtype)
+    channels = resolve_size(c).volume_channels
+    self.bev_decoder = nn.Dense(c.volume_shape[2] * channels, dtype=dtype)
+    if c.render.background == 'learned':
+      # Logits of the colour behind the volume (sky, far facades); sigmoid(0) = mid grey.
+      self.background = self.param('background', nn.initializers.zeros, (3,))
 
   def encode(self, batch: dict, mask: bool = False) -> dict:
-    """The backbone's outputs (bev, volume, image_mask, pillar_mask); mask=True needs 'mask'."""
+    """The backbone's outputs (bev, volume, image_mask, lidar_block_mask, pillar_mask);
+    mask=True needs the 'mask' rng."""
     return self.backbone(batch, mask=mask)
+
+  def bev_volume(self, bev: jnp.ndarray) -> jnp.ndarray:
+    """Fused BEV map [B, X, Y, Cb] -> the volume the BEV view renders [B, X, Y, Z, Cv]."""
+    b, x, y, _ = bev.shape
+    return self.bev_decoder(bev).reshape(b, x, y, self.config.volume_shape[2], -1)
+
+  def view_volumes(self, feats: dict) -> dict[str, jnp.ndarray]:
+    """Backbone outputs -> {view: the volume its rays render}."""
+    return {'perspective': feats['volume'], 'bev': self.bev_volume(feats['bev'])}
 
   def render(self, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
              near: jnp.ndarray, key: jax.Array | None) -> dict:
     """volume [B, X, Y, Z, C]; origins, dirs [B, R, 3]; near [B, R] (m) -> composite() outputs
-    [B, R, ...] and hit [B, R] (the ray spends positive length inside the volume). key None:
-    bin-centre samples (deterministic); else stratified jitter."""
+    [B, R, ...] (over the background colour) and hit [B, R] (the ray spends positive length
+    inside the volume). key None: bin-centre samples (deterministic); else stratified jitter."""
     n, f, hit = box_near_far(origins, dirs, self.box_min, self.box_max, near)
+    background = (nn.sigmoid(self.background) if self.config.render.background == 'learned'
+                  else None)
     out = render_rays(self.field, volume, origins, dirs, n, f, self.config.render.num_samples,
-                      self.box_min, self.box_max, key)
+                      self.box_min, self.box_max, key, background)
     out['hit'] = hit
     return out
 
-  def __call__(self, batch: dict, rays: dict[str, dict], train: bool = True
-               ) -> tuple[dict, dict[str, dict]]:
-    """Encodes `batch` (MAE masking and jittered samples when train) and renders each view's
-    rays ({view: dict(origins, dirs [B, R, 3], near [B, R])}).
+  def __call__(self, batch: dict, rays: dict[str, dict], train: bool = True,
+               mask: bool | None = None) -> tuple[dict, dict[str, dict]]:
+    """Encodes `batch` and renders each view's rays ({view: dict(origins, dirs [B, R, 3],
+    near [B, R])}).
 
-    Returns (backbone outputs, {view: render() outputs}). Needs the 'mask' and 'render' rngs
-    when train.
+    train: jittered samples (needs the 'render' rng); mask: MAE masking (needs the 'mask' rng),
+    None = as train. Returns (backbone outputs, {view: render() outputs}).
     """
-    feats = self.encode(batch, mask=train)
+    feats = self.encode(batch, mask=train if mask is None else mask)
+    volumes = self.view_volumes(feats)
     key = self.make_rng('render') if train else None
     keys = jax.random.split(key, len(rays)) if train else [None] * len(rays)
-    rendered = {name: self.render(feats['volume'], r['origins'], r['dirs'], r['near'], k)
+    rendered = {name: self.render(volumes[name], r['origins'], r['dirs'], r['near'], k)
                 for (name, r), k in zip(sorted(rays.items()), keys)}
     return feats, rendered
 
@@ -71,7 +97,11 @@ def build_pretrain_model(config: Config) -> NSMAE:
 
 
 def param_groups(params: dict) -> dict[str, Any]:
-  """NSMAE params -> {'lidar', 'camera', 'lifting', 'fusion', 'field'} subtrees."""
+  """NSMAE params -> {'lidar', 'camera', 'lifting', 'fusion', 'field', 'bev_decoder'} subtrees
+  ('field' also holds the learned background colour when there is one)."""
   bb = params['backbone']
+  field = dict(params['field'])
+  if 'background' in params:
+    field['background'] = params['background']
   return {'lidar': bb['lidar'], 'camera': bb['camera'], 'lifting': bb['lifting'],
-          'fusion': bb['fusion'], 'field': params['field']}
+          'fusion': bb['fusion'], 'field': field, 'bev_decoder': params['bev_decoder']}
