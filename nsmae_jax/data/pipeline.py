@@ -20,6 +20,11 @@ cam2lidar [D, B, 6, 4, 4]; points float32 [D, B, P, 5] (x, y, z, intensity, time
 points_mask bool [D, B, P]; bev_map uint8 [D, B, 6, Hb, Wb]; boxes float32 [D, B, M, 9] with
 boxes_mask bool [D, B, M]; box_labels int32 [D, B, M]. Eval batches add valid bool [D, B].
 
+Read-ahead: min(cores, 8) reader threads per process, max(config.data.prefetch, threads) batches
+buffered; `num_workers` > 0 adds that many grain worker processes (spawned, each with a copy of
+the index; they take seconds to start, so they pay off only where decoding limits the step).
+A saved state resumes only with the same num_workers (grain's state has one entry per worker).
+
 No TensorFlow: TFDS reads the dataset's metadata and decodes records with NumPy, so worker
 processes start light and nothing is left to tear down at interpreter exit but grain's own
 threads and processes (close() releases them early).
