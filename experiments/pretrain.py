@@ -3,7 +3,8 @@ r"""NS-MAE pre-training.
   python -m experiments.pretrain --flagfile=experiments/configs/demo.flags [--workdir=DIR]
 
 On the demo flags a missing dataset is generated (synthetic nuScenes-format world) and converted
-first. An existing workdir resumes from its latest checkpoint. All logic lives in
+first. An existing workdir resumes from its newest good checkpoint (a damaged one is named and
+moved aside); SIGTERM saves a checkpoint and exits; a second run on a workdir in use is refused. All logic lives in
 nsmae_jax.train.train_and_evaluate with nsmae_jax.pretrain's task (importable from notebooks).
 """
 

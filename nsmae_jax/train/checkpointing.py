@@ -129,13 +129,17 @@ class Checkpointer:
   CheckpointWriteError naming the directory when a save failed.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+               owner: bool = False):
+    """owner=True: this process holds the work dir (the training loop, under its lock), so
+    unfinished temporary directories are leftovers of a dead run and are deleted. Readers
+    (notebooks, inspection) leave them alone: a live run may be writing one."""
     self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
     self._async = async_save
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=owner)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=('state', 'data'))
     self._unverified: list[int] = []  # saved by this run; no manifest yet

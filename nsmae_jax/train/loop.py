@@ -266,7 +266,7 @@ def train_and_evaluate(config: Config, workdir: str, task: Task, *,
   with contextlib.ExitStack() as stack:
     stack.enter_context(WorkdirLock(workdir, lock_name))
     preemption = stack.enter_context(Preemption())
-    ckpt = Checkpointer(workdir, max_to_keep=tc.max_to_keep)
+    ckpt = Checkpointer(workdir, max_to_keep=tc.max_to_keep, owner=True)
     stack.callback(ckpt.close)
     if train_iterator is None:
       from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -300,7 +300,7 @@ def train_and_evaluate(config: Config, workdir: str, task: Task, *,
         eval_rng=_replicate(eval_rng), image_rng=image_rng)
     del state
 
-    if start == 0 and tc.eval_every_steps:
+    if start == 0 and tc.eval_every_steps and not preemption.requested:
       run.evaluate(0)  # the baseline that later evals are compared with
     preempted_at = run.train(start, preemption)
     metrics = dict(run.last)
