@@ -116,7 +116,8 @@ class ModelConfig:
   volume_channels: int = _f(0, 'Channels of the fused 3D volume (0 = from --model_size).')
   image_mask_ratio: float = _f(0.5, 'Fraction of image patches masked per camera (MAE); '
                                'in [0, 1).', check=fraction)
-  lidar_mask_ratio: float = _f(0.8, 'Fraction of non-empty pillars dropped per sample; '
+  lidar_mask_ratio: float = _f(0.8, 'Fraction of non-empty LiDAR blocks (one fused-volume '
+                               'cell: volume_stride x volume_stride pillars) dropped per sample; '
                                'in [0, 1). The paper uses 0.7-0.9.', check=fraction)
 
 
