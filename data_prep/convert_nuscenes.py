@@ -30,16 +30,12 @@ from __future__ import annotations
 # pylint: disable=import-outside-toplevel
 
 import collections
-import errno
-import functools
 import glob
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -47,6 +43,8 @@ import numpy as np
 
 from data_prep.nuscenes_nsmae import record as record_lib
 from data_prep.nuscenes_nsmae import record_io
+from data_prep.nuscenes_nsmae import record_workers
+from data_prep.nuscenes_nsmae.record_workers import ConversionError
 from nsmae_jax.data import naming, schema
 
 STATS_FILE = 'conversion_stats.json'
@@ -54,14 +52,6 @@ STATS_FILE = 'conversion_stats.json'
 _OFFICIAL = {'v1.0-trainval': {'train': 'train', 'val': 'val'},
              'v1.0-mini': {'train': 'mini_train', 'val': 'mini_val'},
              'v1.0-test': {'test': 'test'}}
-# Write errors that mean "no room": the message then names the directory and how to resume.
-_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-class ConversionError(RuntimeError):
-  """The conversion cannot go on (e.g. the disk is full); the message says where and what next."""
-
-
 def scene_splits(nusc, dataroot: str, version: str) -> dict[str, list[str]]:
   """{split: [scene names present]} from a custom splits.json if present, else the official
   splits of `version`.
@@ -104,157 +94,6 @@ def sample_tokens(nusc, scene_names: Sequence[str]) -> list[str]:
       tokens.append(token)
       token = nusc.get('sample', token)['next']
   return tokens
-
-
-# Per-process state of the record workers: filled before a fork (inherited copy-on-write), or
-# by _init_worker in a spawned worker (which loads the tables itself).
-_WORKER: dict[str, Any] = {}
-
-
-def _no_space(e: BaseException, directory: str, what: str) -> ConversionError:
-  why = getattr(e, 'strerror', None) or str(e).rsplit('; ', 1)[-1]
-  return ConversionError(
-      f'no space left writing {what} into {directory} ({why}); the finished records are '
-      'kept: free space and rerun the same command to resume')
-
-
-def _write_record(job: tuple[str, str]) -> tuple[str, str, str, str]:
-  """Makes, or checks and keeps, the record of one key frame.
-
-  Returns (split, token, outcome, missing file): outcome 'made', 'reused' (an intact record of
-  an earlier run), 'redone' (a damaged one was replaced) or 'skipped' (a missing or unreadable
-  input file, with --skip_missing; the file is returned).
-  """
-  split, token = job
-  w = _WORKER
-  path = naming.record_path(w['records'], split, token)
-  outcome = 'made'
-  if os.path.exists(path):
-    try:
-      record_io.load_record(path)
-      return split, token, 'reused', ''
-    except record_io.CorruptRecordError as e:
-      logging.warning('%s: making it again', e)
-      outcome = 'redone'
-  nusc = w['nusc']
-  sample = nusc.get('sample', token)
-  location = nusc.get('log', nusc.get('scene', sample['scene_token'])['log_token'])['location']
-  try:
-    rec = record_lib.make_record(nusc, w['maps'][location], token, w['settings'])
-  except record_lib.MissingInputError as e:
-    if not w['skip_missing']:
-      raise
-    return split, token, 'skipped', e.path or str(e)
-  try:
-    record_io.save_record(path, rec)
-  except OSError as e:
-    if e.errno in _NO_SPACE:
-      raise _no_space(e, os.path.dirname(path), 'records') from None
-    raise
-  return split, token, outcome, ''
-
-
-def _load_maps(dataroot: str, locations: Sequence[str]) -> dict[str, Any]:
-  """{location: NuScenesMap} (polygons memoized) of a dataroot."""
-  from nuscenes.map_expansion.map_api import NuScenesMap
-  return {loc: _memoize_polygons(NuScenesMap(dataroot=dataroot, map_name=loc))
-          for loc in sorted(locations)}
-
-
-def _init_worker(spawned_state: dict[str, Any] | None = None) -> None:
-  import cv2
-  cv2.setNumThreads(1)  # one process per core already
-  if spawned_state is not None:
-    from nuscenes.nuscenes import NuScenes
-    state = dict(spawned_state)
-    dataroot, version = state.pop('dataroot'), state.pop('version')
-    state['nusc'] = NuScenes(version=version, dataroot=dataroot, verbose=False)
-    state['maps'] = _load_maps(dataroot, state.pop('locations'))
-    _WORKER.update(state)
-
-
-# Runtimes whose import starts thread pools that take locks at any time (XLA, the TF runtime,
-# gRPC): a fork copies such a lock held by another thread, and a child that needs it hangs.
-_THREADED_RUNTIMES = ('jax', 'jaxlib', 'tensorflow', 'torch')
-
-
-def fork_hazard() -> str | None:
-  """Why forking this process could deadlock the workers, or None.
-
-  A threaded runtime imported (e.g. a notebook or training process that imported JAX before
-  converting), or Python threads besides the main one. The idle native pools of numpy's
-  OpenBLAS, OpenCV and the devkit's imports are not counted: OpenBLAS quiesces its pool
-  around fork (pthread_atfork) and the others take no lock until used.
-  """
-  loaded = [name for name in _THREADED_RUNTIMES if name in sys.modules]
-  if loaded:
-    return f'{", ".join(loaded)} imported'
-  if threading.active_count() > 1:
-    return f'{threading.active_count()} Python threads running'
-  return None
-
-
-def start_method() -> str:
-  """'fork' when that is safe (the workers inherit the loaded tables for free), else 'spawn'
-  (each worker loads the tables itself: slower to start, more memory, never deadlocks)."""
-  return 'spawn' if fork_hazard() else 'fork'
-
-
-def _make_records(state: dict[str, Any], jobs: list[tuple[str, str]], workers: int,
-                  log: Callable[[str], None], method: str | None = None
-                  ) -> dict[str, tuple[str, str]]:
-  """Stage 1: makes the missing records and checks the existing ones, in `workers` processes
-  with a progress bar.
-
-  state: nusc, maps, settings, records, skip_missing, and dataroot, version, locations (what a
-  spawned worker needs to load the tables). method: the worker start method (default:
-  start_method()). Returns {token: (outcome, missing file)}.
-  """
-  from tqdm import tqdm
-  shared = ('settings', 'records', 'skip_missing')
-  _WORKER.update({k: state[k] for k in ('nusc', 'maps', *shared)})
-  outcomes: dict[str, tuple[str, str]] = {}
-  start = time.time()
-  used = 'serial'
-  pool = None
-  try:
-    if workers > 1 and len(jobs) > 1:
-      # The pool is started before the progress bar: tqdm's monitor is a thread.
-      used = method or start_method()
-      spawned = None if used == 'fork' else {
-          k: state[k] for k in ('dataroot', 'version', 'locations', *shared)}
-      pool = multiprocessing.get_context(used).Pool(
-          min(workers, len(jobs)), initializer=_init_worker, initargs=(spawned,))
-      results = pool.imap_unordered(_write_record, jobs, chunksize=1)
-    else:
-      results = map(_write_record, jobs)
-    with tqdm(total=len(jobs), unit='frame', desc='records', smoothing=0.1,
-              dynamic_ncols=True) as bar:
-      for _, token, outcome, missing in results:
-        outcomes[token] = (outcome, missing)
-        bar.update(1)
-  except BaseException:
-    if pool is not None:
-      pool.terminate()  # do not finish the other frames on an error or Ctrl-C
-    raise
-  finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
-    _WORKER.clear()
-  counts = collections.Counter(o for o, _ in outcomes.values())
-  elapsed = time.time() - start
-  log(f'records: {counts["made"]} made, {counts["reused"]} reused, {counts["redone"]} damaged '
-      f'and made again, {counts["skipped"]} skipped (missing input) in {elapsed:.1f} s '
-      f'({len(jobs) / max(elapsed, 1e-9):.2f} frames/s, {workers} workers, {used})')
-  return outcomes
-
-
-def _memoize_polygons(nusc_map):
-  """get_map_mask rebuilds every polygon of a layer from its nodes on each call (~40% of its
-  time); a polygon depends only on its token, so cache them per process."""
-  nusc_map.extract_polygon = functools.lru_cache(maxsize=None)(nusc_map.extract_polygon)
-  return nusc_map
 
 
 class _Stats:
@@ -375,7 +214,7 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
       f'({", ".join(f"{s} {len(t)}" for s, t in tokens.items())}), {found} records of an '
       'earlier run found (checked before reuse)')
   locations = {nusc.get('log', scene['log_token'])['location'] for scene in nusc.scene}
-  maps = _load_maps(dataroot, locations)
+  maps = record_workers.load_maps(dataroot, locations)
   settings = record_lib.RecordSettings(
       image_height=data_config.image_height, image_width=data_config.image_width,
       num_sweeps=data_config.num_sweeps, bev_half_extent=float(data_config.bev_half_extent),
@@ -383,7 +222,7 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
   state = dict(nusc=nusc, maps=maps, settings=settings, records=records,
                skip_missing=skip_missing, dataroot=dataroot, version=version,
                locations=sorted(locations))
-  outcomes = _make_records(state, jobs, workers, log)
+  outcomes = record_workers.make_records(state, jobs, workers, log)
   del nusc, maps, state
   for split in list(tokens):
     for token in tokens[split]:
@@ -405,8 +244,8 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
   try:
     _write_json(os.path.join(out, STATS_FILE), summary)
   except OSError as e:
-    if e.errno in _NO_SPACE:
-      raise _no_space(e, out, STATS_FILE) from None
+    if e.errno in record_workers.NO_SPACE:
+      raise record_workers.no_space_error(e, out, STATS_FILE) from None
     raise
   log('statistics: ' + json.dumps(summary))
   if not keep_records:
@@ -433,9 +272,9 @@ def _is_no_space(e: BaseException | None) -> bool:
   """Whether an error, or one it was raised from, says the disk (or file size limit) is full:
   an OSError, or TensorFlow's ResourceExhaustedError that TFDS re-raises as RuntimeError."""
   while e is not None:
-    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+    if isinstance(e, OSError) and e.errno in record_workers.NO_SPACE:
       return True
-    if any(os.strerror(n) in str(e) for n in _NO_SPACE):
+    if any(os.strerror(n) in str(e) for n in record_workers.NO_SPACE):
       return True
     e = e.__cause__ or e.__context__
   return False
@@ -457,7 +296,7 @@ def _write_shards(data_config, records: str, tokens: dict[str, list[str]], stats
   except Exception as e:  # pylint: disable=broad-except; TFDS wraps TF's errors in RuntimeError
     if _is_no_space(e):
       out = os.path.dirname(naming.dataset_dir(data_config.data_dir, data_config))
-      raise _no_space(e, out, 'shards') from None
+      raise record_workers.no_space_error(e, out, 'shards') from None
     raise
   total = sum(len(t) for t in tokens.values())
   log(f'shards: {total} examples in {time.time() - start:.1f} s')

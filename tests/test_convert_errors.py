@@ -141,7 +141,7 @@ def test_interrupted_conversion_resumes(world, tmp_path):
 def test_parallel_records_equal_serial(world, tmp_path, method):
   """--workers only changes speed: records made in 2 forked or spawned processes (spawned when
   forking is unsafe) equal the serial ones."""
-  from data_prep import convert_nuscenes
+  from data_prep.nuscenes_nsmae import record_workers
   nusc = _nusc(world)
   location = nusc.log[0]['location']
   tokens = [s['token'] for s in nusc.sample[:2]]
@@ -153,8 +153,7 @@ def test_parallel_records_equal_serial(world, tmp_path, method):
     state = dict(nusc=nusc, maps={location: _map(nusc, world)}, settings=_settings(),
                  records=records, skip_missing=False, dataroot=world, version='v1.0-trainval',
                  locations=[location])
-    outcomes = convert_nuscenes._make_records(state, jobs, workers, lambda _: None,
-                                              method=method)
+    outcomes = record_workers.make_records(state, jobs, workers, lambda _: None, method=method)
     assert outcomes == {t: ('made', '') for t in tokens}
     out[workers] = [record_io.load_record(naming.record_path(records, *job)) for job in jobs]
   for a, b in zip(out[1], out[2]):
@@ -167,24 +166,24 @@ def test_fork_hazard(monkeypatch):
   """Workers are forked only from a process without threaded runtimes or extra threads."""
   import sys
   import threading
-  from data_prep import convert_nuscenes
+  from data_prep.nuscenes_nsmae import record_workers
   for name in ('jax', 'jaxlib', 'tensorflow', 'torch'):
     monkeypatch.delitem(sys.modules, name, raising=False)
   with monkeypatch.context() as m:  # pytest's process has helper threads of earlier tests
     m.setattr(threading, 'active_count', lambda: 1)
-    assert convert_nuscenes.fork_hazard() is None
-    assert convert_nuscenes.start_method() == 'fork'
+    assert record_workers.fork_hazard() is None
+    assert record_workers.start_method() == 'fork'
   stop = threading.Event()
   thread = threading.Thread(target=stop.wait)
   thread.start()
   try:
-    assert 'threads' in convert_nuscenes.fork_hazard()
-    assert convert_nuscenes.start_method() == 'spawn'
+    assert 'threads' in record_workers.fork_hazard()
+    assert record_workers.start_method() == 'spawn'
   finally:
     stop.set()
     thread.join()
   monkeypatch.setitem(sys.modules, 'jax', sys)
-  assert convert_nuscenes.fork_hazard() == 'jax imported'
+  assert record_workers.fork_hazard() == 'jax imported'
 
 
 def test_partial_download_skip_missing_and_bad_points(world, tmp_path):

@@ -3,8 +3,9 @@
 The builder does not parse nuScenes itself: `data_prep.convert_nuscenes` first writes one
 record file per key frame (made by `record.make_record` through nuscenes-devkit, in parallel,
 resumable; stored by `record_io`: plain arrays, checksummed, no pickle) under a record
-directory, and this builder turns those into TFRecord shards. TFDS writes into a temporary `*.incomplete*` directory and renames it only when every
-split is written, so an interrupted build never leaves a dataset that looks complete.
+directory, and this builder turns those into TFRecord shards. TFDS writes into a temporary
+`incomplete.*` directory and renames it only when every split is written, so an interrupted
+build never leaves a dataset that looks complete.
 
 A converted dataset is read without project code:
 `tfds.builder_from_directory(f'{data_dir}/nuscenes_nsmae/{config_name}/{VERSION}')`.
