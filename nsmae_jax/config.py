@@ -83,7 +83,11 @@ class DataConfig:
                               '(m): the grid spans [-E, E] in x and y of the LiDAR frame.',
                               check=positive)
   bev_resolution: float = _f(0.5, 'Cell size of the BEV map targets (m).', check=positive)
-  prefetch: int = _f(2, 'Batches prefetched to the devices.', check=non_negative)
+  prefetch: int = _f(2, 'Batches the input pipeline reads ahead (grain read-ahead buffer).',
+                     check=non_negative)
+  data_workers: int = _f(0, 'grain worker processes decoding training/eval batches (0 = threads '
+                         'in the training process; workers take seconds to start).',
+                         check=non_negative)
   convert_workers: int = _f(2, 'Worker processes used when converting a dataroot.',
                             check=non_negative)
 

@@ -1,1 +1,2 @@
-"""Input data: the tf.data pipeline over converted shards, and fake batches for tests."""
+"""Input data: the schema, names and paths of the converted dataset, the grain input pipeline
+over its TFRecord shards (pipeline, decode, augment, shards), label subsets, fake batches."""

@@ -229,13 +229,14 @@ def make_train_iterator(config: Config, *, label_fraction: float = 1.0, subset_s
                         process_index: int | None = None, process_count: int | None = None,
                         num_local_devices: int | None = None, split: str = 'train',
                         augmentation: augment_lib.Augmentation | None = None,
-                        num_workers: int = 0) -> _Iterator:
+                        num_workers: int | None = None) -> _Iterator:
   """Infinite iterator of host batches [num_local_devices, per_device_batch_size, ...].
 
   Deterministic for config.train.seed; label_fraction < 1 keeps subsets.labelled_subset
   (subset_seed) of the split's key frames. get_state()/set_state() resume the exact batch
   sequence. `augmentation` (off by default) applies a seeded global rotation/flip/scale per
-  example. `num_workers` > 0 decodes in that many grain worker processes (same batches).
+  example. `num_workers` > 0 decodes in that many grain worker processes (same batches;
+  default config.data.data_workers).
   process_index / process_count / num_local_devices default to jax's.
   """
   pi, pc, devices = _layout(process_index, process_count, num_local_devices)
@@ -253,13 +254,14 @@ def make_train_iterator(config: Config, *, label_fraction: float = 1.0, subset_s
   identity = {'seed': decoder.seed, 'split': split, 'num_examples': int(len(examples)),
               'process_index': pi, 'process_count': pc, 'local_batch': local}
   return _Iterator(ds, devices=devices, per_device=config.train.per_device_batch_size,
-                   num_workers=num_workers, prefetch=config.data.prefetch, identity=identity,
+                   num_workers=(config.data.data_workers if num_workers is None else num_workers),
+                   prefetch=config.data.prefetch, identity=identity,
                    num_batches=None)
 
 
 def make_eval_iterator(config: Config, *, split: str = 'val', process_index: int | None = None,
                        process_count: int | None = None, num_local_devices: int | None = None,
-                       num_workers: int = 0) -> _Iterator:
+                       num_workers: int | None = None) -> _Iterator:
   """One pass over the split in stored order, every example exactly once across processes.
 
   All processes yield the same number of batches (`.num_batches`); `valid` [D, B] is False on
@@ -278,5 +280,6 @@ def make_eval_iterator(config: Config, *, split: str = 'val', process_index: int
   identity = {'seed': decoder.seed, 'split': split, 'num_examples': n, 'process_index': pi,
               'process_count': pc, 'local_batch': local}
   return _Iterator(ds, devices=devices, per_device=config.train.per_device_batch_size,
-                   num_workers=num_workers, prefetch=config.data.prefetch, identity=identity,
+                   num_workers=(config.data.data_workers if num_workers is None else num_workers),
+                   prefetch=config.data.prefetch, identity=identity,
                    num_batches=num_batches)
