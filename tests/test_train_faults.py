@@ -20,8 +20,8 @@ from toy_task import toy_task
 
 from nsmae_jax.data.fake import FakeIterator
 from nsmae_jax.train import train_and_evaluate
-from nsmae_jax.train.checkpointing import (CheckpointDamagedError, Checkpointer, read_raw,
-                                           resolve_step)
+from nsmae_jax.train.checkpointing import (CheckpointDamagedError, CheckpointError,
+                                           Checkpointer, read_raw, resolve_step)
 from nsmae_jax.train.integrity import verify_step
 from nsmae_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -155,6 +155,18 @@ def test_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, capsys):
   _truncate(_largest_file(workdir / 'checkpoints' / '2' / 'state'))
   with pytest.raises(CheckpointDamagedError, match='no usable checkpoint under'):
     read_raw(str(workdir))  # never a silent restore of damaged bytes
+
+
+def test_a_good_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path):
+  workdir = tmp_path / 'w'
+  _train(workdir, 2)
+  config = _config(workdir, 4)
+  with pytest.raises(CheckpointError, match=f'step 2 under {re.escape(str(workdir))}/checkpoints '
+                     'is intact .* does not fit this model'):
+    train_and_evaluate(config, str(workdir), toy_task(width=32),
+                       train_iterator=FakeIterator(config, 2))
+  assert verify_step(str(workdir / 'checkpoints' / '2')) is None  # not moved, not damaged
+  assert not (workdir / 'checkpoints_damaged').exists()
 
 
 # ---- the work dir lock (in process) ----------------------------------------------------------

@@ -246,6 +246,13 @@ class Checkpointer:
   def _restore_step(self, target: Any, step: int) -> tuple[Any, dict]:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    # orbax restores a saved array of another shape into the target without a word.
+    want = {name: np.shape(leaf) for name, leaf in _flatten(target)}
+    got = {name: np.shape(leaf) for name, leaf in _flatten(restored['state'])}
+    for name in sorted(set(want) | set(got)):
+      if want.get(name) != got.get(name):
+        raise ValueError(f'leaf {name!r} has shape {got.get(name)} in the checkpoint, '
+                         f'{want.get(name)} in the model')
     return restored['state'], dict(restored['data'] or {})
 
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
@@ -258,30 +265,26 @@ class Checkpointer:
     try:
       state, data = self._restore_step(target, step)
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointDamagedError(f'checkpoint step {step} under {self.directory} cannot be '
-                                   f'restored: {_first_line(e)}') from None
+      raise CheckpointError(f'checkpoint step {step} under {self.directory} is intact but does '
+                            f'not fit the target: {_first_line(e)}') from None
     return state, data, step
 
   def restore_latest(self, target_state: Any) -> tuple[Any, dict, int] | None:
     """Resume: the newest good checkpoint as (state, iterator state, step); None if none saved.
 
-    Each damaged or incomplete step (bad manifest, or orbax cannot read it) is named in a warning
-    and moved to <workdir>/checkpoints_damaged/, newest first, until a good one restores. Raises
-    CheckpointDamagedError naming the directory when steps existed but none was usable.
+    Each damaged or incomplete step (its files do not match its manifest) is named in a warning
+    and moved to <workdir>/checkpoints_damaged/, newest first. Raises CheckpointDamagedError
+    naming the directory when steps existed but none was usable, and CheckpointError when the
+    newest good step does not fit `target_state` (its bytes are intact: another model or config
+    wrote it; nothing is moved).
     """
     target = jax.tree_util.tree_map(np.asarray, jax.device_get(target_state))
-    steps = _step_dirs(self.directory)
     damaged = []
-    result = None
-    for step in reversed(steps):
+    good = None
+    for step in reversed(_step_dirs(self.directory)):
       reason = verify_step(os.path.join(self.directory, str(step)))
       if reason is None:
-        try:
-          state, data = self._restore_step(target, step)
-          result = (state, data, step)
-        except Exception as e:  # pylint: disable=broad-except
-          reason = f'orbax cannot restore it ({_first_line(e)})'
-      if reason is None:
+        good = step
         break
       damaged.append((step, reason))
     if damaged:
@@ -292,13 +295,22 @@ class Checkpointer:
               f'{reason}; moved to {moved}')
       _sync('nsmae_checkpoint_quarantine')
       self._manager.reload()
-    if result is None and damaged:
-      raise CheckpointDamagedError(
-          f'no usable checkpoint left under {self.directory}: '
-          + '; '.join(f'step {s}: {r}' for s, r in damaged)
-          + f'. They were moved to {damaged_dir(self.workdir)}; rerun to start from step 0, '
-          'or restore a good copy into the checkpoint directory.')
-    return result
+    if good is None:
+      if damaged:
+        raise CheckpointDamagedError(
+            f'no usable checkpoint left under {self.directory}: '
+            + '; '.join(f'step {s}: {r}' for s, r in damaged)
+            + f'. They were moved to {damaged_dir(self.workdir)}; rerun to start from step 0, '
+            'or restore a good copy into the checkpoint directory.')
+      return None
+    try:
+      state, data = self._restore_step(target, good)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint step {good} under {self.directory} is intact (checksums match) but does '
+          f'not fit this model: {_first_line(e)}. Was this work dir written with other model '
+          'settings? Use another --workdir, or the settings it was written with.') from None
+    return state, data, good
 
 
 def resolve_step(directory: str, step: int | None) -> int:
