@@ -93,6 +93,7 @@ def _flip_byte(path):
     f.write(bytes([byte[0] ^ 0x01]))
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 @pytest.mark.parametrize('damage', [_truncate, _flip_byte], ids=['truncated', 'flipped_byte'])
 def test_damaged_latest_checkpoint_is_named_and_run_resumes_from_previous(
     tmp_path, reference, damage, capsys):
@@ -116,6 +117,7 @@ def test_damaged_latest_checkpoint_is_named_and_run_resumes_from_previous(
     assert got[step] == pytest.approx(reference[step], rel=1e-6), step
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_a_step_without_manifest_counts_as_incomplete(tmp_path, capsys):
   """A save renamed into place just before a kill -9 has no manifest yet: not trusted."""
   workdir = tmp_path / 'w'
@@ -128,6 +130,7 @@ def test_a_step_without_manifest_counts_as_incomplete(tmp_path, capsys):
   assert 'Resuming from checkpoint at step 2' in out.out
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_refuses_naming_the_directory_when_every_checkpoint_is_damaged(tmp_path):
   workdir = tmp_path / 'w'
   _train(workdir, 4)
@@ -141,6 +144,7 @@ def test_refuses_naming_the_directory_when_every_checkpoint_is_damaged(tmp_path)
   assert sorted(d.split('-')[0] for d in os.listdir(workdir / 'checkpoints_damaged')) == ['2', '4']
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, capsys):
   workdir = tmp_path / 'w'
   _train(workdir, 4)
@@ -157,6 +161,7 @@ def test_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, capsys):
     read_raw(str(workdir))  # never a silent restore of damaged bytes
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_a_good_checkpoint_of_another_model_is_refused_and_left_in_place(tmp_path):
   workdir = tmp_path / 'w'
   _train(workdir, 2)

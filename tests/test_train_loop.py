@@ -134,6 +134,7 @@ def test_process_exits_within_5_s_of_its_last_checkpoint(tmp_path):
   assert exited - manifest.stat().st_mtime < 5.0
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_returns_host_state_and_leaves_no_threads_or_lock(tmp_path):
   config = tiny_config(str(tmp_path), num_train_steps=3, log_every_steps=1,
                        checkpoint_every_steps=2, eval_every_steps=0, image_every_steps=0)
@@ -151,6 +152,7 @@ def test_returns_host_state_and_leaves_no_threads_or_lock(tmp_path):
   assert not os.path.exists(os.path.join(config.train.workdir, 'run.lock'))
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   config = tiny_config(str(tmp_path), num_train_steps=6, log_every_steps=2,
                        checkpoint_every_steps=2, eval_every_steps=0, image_every_steps=0)
@@ -161,6 +163,7 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   assert Checkpointer(config.train.workdir).latest_step() == 2  # the bad state was not saved
 
 
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_eval_step_sums_array_metrics_per_element_and_skips_padding():
   import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
