@@ -152,6 +152,40 @@ def test_returns_host_state_and_leaves_no_threads_or_lock(tmp_path):
   assert not os.path.exists(os.path.join(config.train.workdir, 'run.lock'))
 
 
+class _Closing(FakeIterator):
+  """A FakeIterator that records close(), standing in for the pipeline's iterators."""
+
+  def __init__(self, *a, log, name, batches=None, **kw):
+    super().__init__(*a, **kw)
+    self.log, self.name, self.batches = log, name, batches
+
+  def __next__(self):
+    if self.batches is not None and self.index >= self.batches:
+      raise StopIteration
+    return super().__next__()
+
+  def close(self):
+    self.log.append(self.name)
+
+
+@pytest.mark.timeout(300)  # pmap over 2 emulated devices
+def test_closes_the_pipeline_iterators_it_created(tmp_path, monkeypatch):
+  from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = tiny_config(str(tmp_path), num_train_steps=2, eval_every_steps=1,
+                       checkpoint_every_steps=2, image_every_steps=0)
+  closed = []
+  monkeypatch.setattr(pipeline, 'make_train_iterator',
+                      lambda cfg, **kw: _Closing(cfg, 2, log=closed, name='train'))
+  monkeypatch.setattr(pipeline, 'make_eval_iterator',
+                      lambda cfg, **kw: _Closing(cfg, 2, log=closed, name='eval', batches=1))
+  train_and_evaluate(config, config.train.workdir, toy_task())
+  assert closed == ['eval'] * 3 + ['train']  # evals at steps 0, 1, 2; train at the end
+  given = _Closing(config, 2, log=closed, name='given')
+  config = config.replace(num_train_steps=3)
+  train_and_evaluate(config, config.train.workdir, toy_task(), train_iterator=given)
+  assert 'given' not in closed  # the caller's iterator is the caller's to close
+
+
 @pytest.mark.timeout(300)  # pmap over 2 emulated devices
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   config = tiny_config(str(tmp_path), num_train_steps=6, log_every_steps=2,
