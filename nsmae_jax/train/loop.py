@@ -90,7 +90,11 @@ def _due(step: int, every: int) -> bool:
 
 def evaluate(task: Task, p_eval, rparams, rng, batches: Iterable[dict], max_batches: int
              ) -> dict:
-  """Runs p_eval over `batches` (at most max_batches, 0 = all); returns the task's summary."""
+  """Runs p_eval over `batches` (at most max_batches, 0 = all); returns the task's summary.
+
+  Each batch is a host batch [local_devices, B, ...] (optionally with `valid` [local_devices, B]
+  marking padding); rparams and rng are replicated over the local devices.
+  """
   sums = None
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
@@ -174,7 +178,8 @@ class _Run:
       self.on_log(step, dict(last))
 
   def images(self, step: int, batch: dict) -> None:
-    """The task's images of the first device's batch, from process 0's params."""
+    """The task's images of the first device's batch (host batch [devices, B, ...] -> [B, ...]),
+    drawn with process 0's params."""
     params0 = jax.device_get(jax_utils.unreplicate(self.rstate.params))
     batch0 = {k: v[0] for k, v in batch.items()}
     self.writer.images(step, self.task.render_images(params0, batch0, self.image_rng))
