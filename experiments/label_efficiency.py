@@ -1,16 +1,19 @@
-r"""The label-efficiency grid: {scratch, pre-trained} x label fractions x seeds (+ ablations).
+r"""The label-efficiency grid: {scratch, pre-trained} x label fractions x seeds (+ ablations),
+for BEV map segmentation and/or 3D detection (--tasks=bevseg,det3d).
 
   python -m experiments.label_efficiency \
-      --flagfile=experiments/configs/label_efficiency_cpu.flags
+      --flagfile=experiments/configs/label_efficiency_cpu.flags [--tasks=bevseg,det3d]
 
-Pre-training runs first, once (<results_dir>/pretrain); then every fine-tuning cell
-(<results_dir>/ft_<init>_f<fraction>_s<seed>) with the same number of steps at every fraction,
-each in a fresh process. A cell whose result.json exists is skipped and an interrupted cell
+Pre-training runs first, once (<results_dir>/pretrain), shared by every task; then every
+fine-tuning cell (<results_dir>/ft_<init>_f<fraction>_s<seed> for segmentation,
+<results_dir>/det3d_<init>_f<fraction>_s<seed> for detection) with the same number of steps at
+every fraction, each in a fresh process. A cell whose result.json exists is skipped and an interrupted cell
 resumes from its checkpoint, so re-running the command continues the grid; a job directory
 started with other settings is refused (ConfigError naming the flags). After every cell the
-report is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one row per cell),
-<out_prefix>.md (mean +- std over seeds per fraction, and the gain) and <out_prefix>.png (mIoU vs
-label fraction with the seed spread); that module also rewrites it alone from a results dir.
+report of its task is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one row
+per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gain) and
+<out_prefix>.png (mIoU, or NDS and mAP, vs label fraction with the seed spread); detection
+writes <out_prefix>_det3d.*. That module also rewrites a report alone from a results dir.
 
 Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
 with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
@@ -45,6 +48,8 @@ _FINETUNE_STEPS = flags.DEFINE_integer('finetune_steps', 0, 'Fine-tuning steps o
 _FINETUNE_LR = flags.DEFINE_float('finetune_learning_rate', 0.0,
                                   'Fine-tuning peak learning rate (0 = --learning_rate).')
 _INITS = flags.DEFINE_list('inits', ['scratch', 'pretrained'], 'Which initialisations to run.')
+_TASKS = flags.DEFINE_list('tasks', ['bevseg'], 'Downstream tasks whose grids run (sharing the '
+                           'pre-training): ' + ', '.join(report.TASKS) + '.')
 _ABLATIONS = flags.DEFINE_list('ablations', [], 'Pre-training ablations to fine-tune at '
                                '--ablation_fraction: ' + ', '.join(
                                    ['no_bev', 'no_perspective', 'no_depth', 'no_color',
@@ -111,8 +116,19 @@ def check_same_settings(workdir: str, config) -> None:
                       'or use another --results_dir')
 
 
+def _finetune_fn(task: str):
+  """The fine-tuning entry point of a downstream task: finetune(config, workdir) -> metrics."""
+  # pylint: disable=import-outside-toplevel
+  if task == 'det3d':
+    from experiments import finetune_det3d
+    return finetune_det3d.finetune
+  from experiments import finetune_bevseg
+  return finetune_bevseg.finetune
+
+
 def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
-  """Runs one pre-training ('pretrain') or fine-tuning ('finetune') job; returns its metrics.
+  """Runs one pre-training ('pretrain') or fine-tuning ('finetune:<task>') job; returns its
+  metrics.
 
   Out of process by default: XLA:CPU never unmaps the code of executables it loaded, so two
   dozen runs in one process ran out of memory mappings ("LLVM ERROR: Unable to allocate section
@@ -121,12 +137,11 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
   """
   # pylint: disable=import-outside-toplevel
   if in_process:
-    from experiments import finetune_bevseg
     from nsmae_jax import train
     from nsmae_jax.pretrain import pretrain_task
     if kind == 'pretrain':
       return train.train_and_evaluate(config, workdir, pretrain_task(config)).metrics
-    return finetune_bevseg.finetune(config, workdir)
+    return _finetune_fn(kind.split(':')[1])(config, workdir)
   import subprocess
   import sys
   os.makedirs(workdir, exist_ok=True)
@@ -162,17 +177,21 @@ def _run_cell_main(path: str) -> None:
 
 def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'pretrained'),
              ablations=(), ablation_fraction=0.05, pretrain_steps=0, finetune_steps=0,
-             finetune_learning_rate=0.0, out_prefix='', log=print,
+             finetune_learning_rate=0.0, out_prefix='', tasks=('bevseg',), log=print,
              in_process: bool = False) -> list[dict]:
-  """Runs every unfinished cell of the grid (pre-training first); returns the CSV rows.
+  """Runs every unfinished cell of the grid (pre-training first, then each task's cells);
+  returns the CSV rows of the last task.
 
   Each job runs in a fresh Python process unless in_process (tests with fake training).
+  `out_prefix` names the segmentation report; detection's gets the suffix `_det3d`.
   """
-  out_prefix = out_prefix or report.default_out_prefix(results_dir)
   cells = plan(fractions, seeds, inits, ablations, ablation_fraction)
   for ab in ablations:
     if ab not in ABLATIONS:
       raise ValueError(f'--ablations: unknown ablation {ab!r}; known: {sorted(ABLATIONS)}')
+  for task in tasks:
+    if task not in report.TASKS:
+      raise ValueError(f'--tasks: unknown task {task!r}; known: {sorted(report.TASKS)}')
   pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps)
   for ab in [''] * any(i != 'scratch' for i in inits) + list(ablations):
     wd = pretrain_dir(results_dir, ab)
@@ -188,8 +207,19 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   ft_cfg = config.replace(
       num_train_steps=finetune_steps or config.train.num_train_steps, eval_batches=0,
       learning_rate=finetune_learning_rate or config.train.learning_rate)
+  rows = []
+  for task in tasks:
+    prefix = (out_prefix + report.TASKS[task].out_suffix if out_prefix else
+              report.default_out_prefix(results_dir, task))
+    rows = _run_cells(ft_cfg, results_dir, cells, task, prefix, log, in_process)
+  return rows
+
+
+def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
+               in_process: bool) -> list[dict]:
+  """Runs the unfinished fine-tuning cells of one task; rewrites its report after each."""
   for init, fraction, seed in cells:
-    wd = os.path.join(results_dir, report.cell_name(init, fraction, seed))
+    wd = os.path.join(results_dir, report.cell_name(init, fraction, seed, task))
     ablation = init.split(':')[1] if ':' in init else ''
     init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
     cfg = ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
@@ -197,9 +227,9 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
     check_same_settings(wd, cfg)
     if os.path.exists(os.path.join(wd, 'result.json')):
       continue
-    log(f'== {init} fraction {fraction:g} seed {seed} -> {wd}')
+    log(f'== {task} {init} fraction {fraction:g} seed {seed} -> {wd}')
     t0 = time.time()
-    res = _run_job('finetune', cfg, wd, in_process)
+    res = _run_job(f'finetune:{task}', cfg, wd, in_process)
     res['wall_s'] = time.time() - t0
     res['steps'] = cfg.train.num_train_steps
     with open(os.path.join(wd, 'result.json')) as f:
@@ -209,10 +239,12 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
                  train_frames=report.train_frames(cfg, fraction))
     with open(os.path.join(wd, 'result.json'), 'w') as f:
       json.dump(saved, f, indent=1)
-    log(f'   mIoU {100 * res.get("eval_miou", float("nan")):.2f} in {res["wall_s"]:.0f} s')
-    report.write_summary(report.collect(results_dir, cells), out_prefix)
-  rows = report.collect(results_dir, cells)
-  report.write_summary(rows, out_prefix)
+    headline = ', '.join(f'{label} {100 * res.get(f"eval_{m}", float("nan")):.2f}'
+                         for m, label in report.TASKS[task].headlines)
+    log(f'   {headline} in {res["wall_s"]:.0f} s')
+    report.write_summary(report.collect(results_dir, cells, task), out_prefix, task=task)
+  rows = report.collect(results_dir, cells, task)
+  report.write_summary(rows, out_prefix, task=task)
   return rows
 
 
@@ -230,7 +262,8 @@ def main(argv):
                   [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
                   ablations=tuple(_ABLATIONS.value), ablation_fraction=_ABLATION_FRACTION.value,
                   pretrain_steps=_PRETRAIN_STEPS.value, finetune_steps=_FINETUNE_STEPS.value,
-                  finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value)
+                  finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value,
+                  tasks=tuple(_TASKS.value))
   print(f'{len(rows)} cells finished; this invocation took {time.time() - t0:.0f} s', flush=True)
 
 

@@ -1,14 +1,16 @@
 r"""The label-efficiency report: finished grid cells -> CSV, markdown table and plot.
 
   python -m experiments.label_efficiency_report --results_dir=runs/label_efficiency_cpu \
-      --out_prefix=docs/label_efficiency_cpu
+      --out_prefix=docs/label_efficiency_cpu [--task=bevseg|det3d]
 
 Reads the results directory that the grid runner (experiments.label_efficiency) fills, one
-<results_dir>/ft_<init>_f<fraction>_s<seed>/result.json per finished fine-tuning cell, and writes
-<out_prefix>.csv (one row per cell, per-class IoU), <out_prefix>.md (mean +- std over seeds per
-fraction, and the gain) and <out_prefix>.png (mIoU vs label fraction with the seed spread). The
-runner rewrites the report after every cell; run this module alone to rewrite it from an existing
-results directory (e.g. after editing the format), without JAX or a training.
+<results_dir>/<prefix>_<init>_f<fraction>_s<seed>/result.json per finished fine-tuning cell
+(prefix `ft` for BEV map segmentation, `det3d` for 3D detection), and writes <out_prefix>.csv
+(one row per cell: the headline metrics and the per-class scores), <out_prefix>.md (per headline
+metric, mean +- std over seeds per fraction, and the gain) and <out_prefix>.png (headline vs
+label fraction with the seed spread). The runner rewrites the report after every cell; run this
+module alone to rewrite it from an existing results directory (e.g. after editing the format),
+without JAX or a training.
 
 This module owns the results directory's cell naming, so the runner imports it and not the other
 way round.
@@ -17,6 +19,7 @@ way round.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,17 +29,56 @@ from nsmae_jax.config import Config
 from nsmae_jax.data import schema
 from nsmae_jax.data import subsets
 
-CSV_FIELDS = ['init', 'fraction', 'seed', 'miou', *schema.MAP_CLASSES, 'train_frames', 'steps',
-              'wall_s']
-
-# ft_<init>_f<fraction>_s<seed>; an ablation init 'pretrained:<ablation>' is written with '-'
-# because ':' is not portable in file names.
-_CELL_DIR = re.compile(r'ft_(?P<init>.+)_f(?P<fraction>[^_]+)_s(?P<seed>\d+)')
 
 
-def cell_name(init: str, fraction: float, seed: int) -> str:
-  """The directory name of a fine-tuning cell under the results directory."""
-  return f'ft_{init.replace(":", "-")}_f{fraction:g}_s{seed}'
+@dataclasses.dataclass(frozen=True)
+class TaskReport:
+  """What the report shows of one downstream task's cells."""
+  cell_prefix: str  # cell directories are <cell_prefix>_<init>_f<fraction>_s<seed>
+  headlines: tuple[tuple[str, str], ...]  # (column = result key without 'eval_', label)
+  classes: tuple[str, ...]  # per-class columns
+  class_key: str  # result.json key of a class score, formatted with the class name
+  title: str  # default title of a table (formatted with the headline's label)
+  explanation: str  # the sentence under the title
+  out_suffix: str  # default out prefix: <results_dir>/label_efficiency<out_suffix>
+
+  @property
+  def csv_fields(self) -> list[str]:
+    return ['init', 'fraction', 'seed', *(h for h, _ in self.headlines), *self.classes,
+            'train_frames', 'steps', 'wall_s']
+
+
+_PAIRED = ('gain = pre-trained mean - scratch mean; per seed: pre-trained - scratch of the same '
+           'seed (same labelled subset, data order and head init).')
+TASKS = {
+    'bevseg': TaskReport(
+        cell_prefix='ft', headlines=(('miou', 'mIoU'),), classes=schema.MAP_CLASSES,
+        class_key='eval_iou/{}', title='Label efficiency (BEV map segmentation {}, %)',
+        explanation='mIoU in % on the whole val split (BEVFusion metric: per class max IoU over '
+                    'thresholds 0.35..0.65), mean +- sample std over seeds (n = seeds '
+                    'finished); ' + _PAIRED, out_suffix=''),
+    'det3d': TaskReport(
+        cell_prefix='det3d', headlines=(('nds', 'NDS'), ('map', 'mAP')),
+        classes=schema.DETECTION_CLASSES, class_key='eval_ap_{}',
+        title='Label efficiency (3D detection {}, %)',
+        explanation='{} in % on the whole val split, scored by nuscenes-devkit DetectionEval '
+                    '(detection_cvpr_2019), mean +- sample std over seeds (n = seeds finished); '
+                    + _PAIRED + ' Per-class columns of the CSV: AP.', out_suffix='_det3d'),
+}
+# The BEV segmentation report's columns (the first wave's CSV format).
+CSV_FIELDS = TASKS['bevseg'].csv_fields
+
+
+def _cell_dir(task: str) -> re.Pattern:
+  # <prefix>_<init>_f<fraction>_s<seed>; an ablation init 'pretrained:<ablation>' is written
+  # with '-' because ':' is not portable in file names.
+  return re.compile(TASKS[task].cell_prefix +
+                    r'_(?P<init>.+)_f(?P<fraction>[^_]+)_s(?P<seed>\d+)')
+
+
+def cell_name(init: str, fraction: float, seed: int, task: str = 'bevseg') -> str:
+  """The directory name of a fine-tuning cell of `task` under the results directory."""
+  return f'{TASKS[task].cell_prefix}_{init.replace(":", "-")}_f{fraction:g}_s{seed}'
 
 
 def _init_rank(init: str) -> tuple[bool, str]:
@@ -44,12 +86,14 @@ def _init_rank(init: str) -> tuple[bool, str]:
   return init != 'scratch', init
 
 
-def find_cells(results_dir: str) -> list[tuple[str, float, int]]:
-  """(init, fraction, seed) of every cell directory under `results_dir`, in the runner's plan
-  order: seed-major (seed, fraction, scratch before pre-trained), ablation cells last."""
+def find_cells(results_dir: str, task: str = 'bevseg') -> list[tuple[str, float, int]]:
+  """(init, fraction, seed) of every cell directory of `task` under `results_dir`, in the
+  runner's plan order: seed-major (seed, fraction, scratch before pre-trained), ablation cells
+  last."""
   cells = []
+  pattern = _cell_dir(task)
   for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
-    m = _CELL_DIR.fullmatch(name)
+    m = pattern.fullmatch(name)
     if m and os.path.isdir(os.path.join(results_dir, name)):
       cells.append((m['init'].replace('-', ':'), float(m['fraction']), int(m['seed'])))
   return sorted(cells, key=lambda c: (':' in c[0], c[0] if ':' in c[0] else '', c[2], c[1],
@@ -80,22 +124,24 @@ def _saved_train_frames(workdir: str, fraction: float) -> int | str:
     return train_frames(Config.from_dict(json.load(f)), fraction)
 
 
-def collect(results_dir: str, cells=None) -> list[dict]:
-  """CSV rows of the finished cells (those with a result.json) among `cells` (default: every
-  cell directory under `results_dir`, find_cells order)."""
+def collect(results_dir: str, cells=None, task: str = 'bevseg') -> list[dict]:
+  """CSV rows of the finished cells of `task` (those with a result.json) among `cells` (default:
+  every cell directory of the task under `results_dir`, find_cells order)."""
+  spec = TASKS[task]
   rows = []
-  for init, fraction, seed in find_cells(results_dir) if cells is None else cells:
-    workdir = os.path.join(results_dir, cell_name(init, fraction, seed))
+  for init, fraction, seed in find_cells(results_dir, task) if cells is None else cells:
+    workdir = os.path.join(results_dir, cell_name(init, fraction, seed, task))
     path = os.path.join(workdir, 'result.json')
     if not os.path.exists(path):
       continue
     with open(path) as f:
       r = json.load(f)
     frames = r['train_frames'] if 'train_frames' in r else _saved_train_frames(workdir, fraction)
-    row = dict(init=init, fraction=fraction, seed=seed, miou=r['eval_miou'],
+    row = dict(init=init, fraction=fraction, seed=seed,
+               **{h: r[f'eval_{h}'] for h, _ in spec.headlines},
                train_frames=frames, steps=r.get('steps', ''),
                wall_s=round(r.get('wall_s', 0.0), 1))
-    row.update({c: r[f'eval_iou/{c}'] for c in schema.MAP_CLASSES})
+    row.update({c: r[spec.class_key.format(c)] for c in spec.classes})
     rows.append(row)
   return rows
 
@@ -107,27 +153,47 @@ def _stats(values):
   return mean, std, min(values), max(values)
 
 
-def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
-  """Writes <out_prefix>.csv, .md and .png from the cell rows (partial grids too)."""
+def write_summary(rows: list[dict], out_prefix: str, title: str = '',
+                  task: str = 'bevseg') -> None:
+  """Writes <out_prefix>.csv, .md and .png from the cell rows of `task` (partial grids too)."""
+  spec = TASKS[task]
   os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
+  fields = spec.csv_fields
   with open(out_prefix + '.csv', 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     for r in rows:
       w.writerow({k: (f'{r[k]:.6f}' if isinstance(r[k], float) and k != 'fraction' else r[k])
-                  for k in CSV_FIELDS})
+                  for k in fields})
+  lines, groups = [], {}
+  for metric, label in spec.headlines:
+    if lines:
+      lines.append('')
+    lines += _table(rows, metric, label, spec, title)
+    groups[metric] = _groups(rows, metric)[0]
+  with open(out_prefix + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  _plot(groups, spec, out_prefix + '.png', title)
+
+
+def _groups(rows, metric):
+  """{(init, fraction): [% per seed]} and {(init, fraction, seed): %} of one metric."""
   groups: dict[tuple[str, float], list[float]] = {}
   by_seed: dict[tuple[str, float, int], float] = {}
   for r in rows:
-    groups.setdefault((r['init'], r['fraction']), []).append(100 * r['miou'])
-    by_seed[(r['init'], r['fraction'], r['seed'])] = 100 * r['miou']
+    groups.setdefault((r['init'], r['fraction']), []).append(100 * r[metric])
+    by_seed[(r['init'], r['fraction'], r['seed'])] = 100 * r[metric]
+  return groups, by_seed
+
+
+def _table(rows, metric: str, label: str, spec: TaskReport, title: str) -> list[str]:
+  """The markdown lines of one headline metric: title, explanation, one row per fraction."""
+  groups, by_seed = _groups(rows, metric)
   fractions = sorted({f for _, f in groups})
   inits = sorted({i for i, _ in groups}, key=_init_rank)
-  lines = [f'# {title}' if title else '# Label efficiency (BEV map segmentation mIoU, %)', '',
-           'mIoU in % on the whole val split (BEVFusion metric: per class max IoU over thresholds '
-           '0.35..0.65), mean +- sample std over seeds (n = seeds finished); gain = pre-trained '
-           'mean - scratch mean; per seed: pre-trained - scratch of the same seed (same labelled '
-           'subset, data order and head init).', '',
+  heading = f'{title} ({label})' if title and len(spec.headlines) > 1 else title
+  lines = [f'# {heading}' if heading else '# ' + spec.title.format(label), '',
+           spec.explanation.format(label), '',
            '| label fraction | ' + ' | '.join(inits) + ' | gain (pre-trained - scratch) | '
            'gain per seed |',
            '|---' * (len(inits) + 3) + '|']
@@ -147,38 +213,40 @@ def write_summary(rows: list[dict], out_prefix: str, title: str = '') -> None:
                        for sd in seeds if ('pretrained', fr, sd) in by_seed
                        and ('scratch', fr, sd) in by_seed) or 'n/a'
     lines.append(f'| {100 * fr:g}% | ' + ' | '.join(cells) + f' | {gain} | {paired} |')
-  with open(out_prefix + '.md', 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  _plot(groups, out_prefix + '.png', title)
+  return lines
 
 
-def _plot(groups, path: str, title: str) -> None:
+def _plot(groups: dict, spec: TaskReport, path: str, title: str) -> None:
+  """One panel per headline metric: mean over seeds vs label fraction, band = min..max."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for init in sorted({i for i, _ in groups}, key=_init_rank):
-    frs = sorted(f for i, f in groups if i == init)
-    stats = [_stats(groups[(init, f)]) for f in frs]
-    xs = [100 * f for f in frs]
-    means = [s[0] for s in stats]
-    ax.plot(xs, means, marker='o', label=init)
-    ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2)
-    for f in frs:
-      ax.scatter([100 * f] * len(groups[(init, f)]), groups[(init, f)], s=8, alpha=0.6)
-  ax.set_xscale('log')
-  ax.set_xlabel('label fraction (% of training key frames)')
-  ax.set_ylabel('mIoU (%)')
-  ax.set_title(title or 'BEV map segmentation: mean over seeds, band = min..max')
-  ax.grid(True, alpha=0.3)
-  ax.legend()
+  n = len(spec.headlines)
+  fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), squeeze=False)
+  for ax, (metric, label) in zip(axes[0], spec.headlines):
+    g = groups[metric]
+    for init in sorted({i for i, _ in g}, key=_init_rank):
+      frs = sorted(f for i, f in g if i == init)
+      stats = [_stats(g[(init, f)]) for f in frs]
+      xs = [100 * f for f in frs]
+      ax.plot(xs, [s[0] for s in stats], marker='o', label=init)
+      ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2)
+      for f in frs:
+        ax.scatter([100 * f] * len(g[(init, f)]), g[(init, f)], s=8, alpha=0.6)
+    ax.set_xscale('log')
+    ax.set_xlabel('label fraction (% of training key frames)')
+    ax.set_ylabel(f'{label} (%)')
+    default = spec.title.format(label).replace('Label efficiency (', '').rstrip(')')
+    ax.set_title(title or f'{default}: mean over seeds, band = min..max')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def default_out_prefix(results_dir: str) -> str:
-  return os.path.join(results_dir, 'label_efficiency')
+def default_out_prefix(results_dir: str, task: str = 'bevseg') -> str:
+  return os.path.join(results_dir, 'label_efficiency' + TASKS[task].out_suffix)
 
 
 def _main() -> None:
@@ -190,18 +258,20 @@ def _main() -> None:
   results_dir = flags.DEFINE_string('results_dir', None, 'The grid runner\'s results directory.',
                                     required=True)
   out_prefix = flags.DEFINE_string('out_prefix', '', 'Path prefix of the CSV/markdown/PNG '
-                                   'summary (default <results_dir>/label_efficiency).')
+                                   'summary (default <results_dir>/label_efficiency[_det3d]).')
   title = flags.DEFINE_string('title', '', 'Title of the markdown table and the plot (default: '
                               'the standard one).')
+  task = flags.DEFINE_enum('task', 'bevseg', sorted(TASKS), 'Which downstream task\'s cells to '
+                           'report (bevseg: mIoU; det3d: NDS and mAP).')
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected positional arguments {list(argv[1:])}')
     if not os.path.isdir(results_dir.value):
       raise app.UsageError(f'--results_dir: directory {results_dir.value!r} does not exist')
-    rows = collect(results_dir.value)
-    prefix = out_prefix.value or default_out_prefix(results_dir.value)
-    write_summary(rows, prefix, title.value)
+    rows = collect(results_dir.value, task=task.value)
+    prefix = out_prefix.value or default_out_prefix(results_dir.value, task.value)
+    write_summary(rows, prefix, title.value, task.value)
     print(f'{len(rows)} finished cells -> {prefix}.csv, .md, .png', flush=True)
 
   app.run(main)

@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny_config
 from experiments import label_efficiency as le
 from experiments import label_efficiency_report as report
-from nsmae_jax.data.schema import MAP_CLASSES
+from nsmae_jax.data.schema import DETECTION_CLASSES, MAP_CLASSES
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +32,9 @@ def test_plan_is_seed_major_with_ablations_last():
 def fake_training(monkeypatch):
   """Replaces pre-training and fine-tuning by instant fakes that record their configs."""
   import experiments.finetune_bevseg as ft  # pylint: disable=import-outside-toplevel
+  import experiments.finetune_det3d as det  # pylint: disable=import-outside-toplevel
   import nsmae_jax.train as train  # pylint: disable=import-outside-toplevel
-  calls = {'pretrain': [], 'finetune': []}
+  calls = {'pretrain': [], 'finetune': [], 'det3d': []}
 
   def save_config(config, workdir):  # as the training loop does when a job starts
     os.makedirs(workdir, exist_ok=True)
@@ -56,7 +57,19 @@ def fake_training(monkeypatch):
       json.dump(result, f)
     return result
 
+  def fake_det3d(config, workdir):
+    calls['det3d'].append(config)
+    fc = config.finetune
+    nds = fc.label_fraction * 0.4 + (0.05 if fc.init_workdir else 0.0) + 0.01 * config.train.seed
+    result = {'eval_nds': nds, 'eval_map': nds / 2,
+              **{f'eval_ap_{c}': nds / 3 for c in DETECTION_CLASSES}}
+    save_config(config, workdir)
+    with open(os.path.join(workdir, 'result.json'), 'w') as f:
+      json.dump(result, f)
+    return result
+
   monkeypatch.setattr(ft, 'finetune', fake_finetune)
+  monkeypatch.setattr(det, 'finetune', fake_det3d)
   monkeypatch.setattr(train, 'train_and_evaluate', fake_pretrain)
   return calls
 
@@ -105,6 +118,37 @@ def test_grid_runs_pretraining_once_and_resumes(tmp_path, fake_training):
   report.write_summary(report.collect(str(tmp_path / 'res')), out + '_alone')
   assert open(out + '_alone.csv').read() == open(out + '.csv').read()
   assert open(out + '_alone.md').read() == md
+
+
+def test_detection_grid_shares_the_pretraining_and_reports_nds_and_map(tmp_path, fake_training):
+  config = tiny_config(str(tmp_path))
+  res, out = str(tmp_path / 'res'), str(tmp_path / 'docs' / 'le')
+  rows = le.run_grid(config, res, [0.05, 1.0], [0, 1], tasks=('bevseg', 'det3d'),
+                     out_prefix=out, log=lambda s: None, in_process=True)
+  assert len(fake_training['pretrain']) == 1  # one pre-training for both tasks
+  assert len(fake_training['finetune']) == 8 and len(fake_training['det3d']) == 8
+  assert os.path.isdir(os.path.join(res, report.cell_name('pretrained', 0.05, 1, 'det3d')))
+  assert report.cell_name('pretrained', 0.05, 1, 'det3d').startswith('det3d_')
+  assert len(rows) == 8 and {'nds', 'map'} <= set(rows[0])
+  with open(out + '_det3d.csv') as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == ['init', 'fraction', 'seed', 'nds', 'map', *DETECTION_CLASSES,
+                            'train_frames', 'steps', 'wall_s']
+  md = open(out + '_det3d.md').read()
+  # NDS at 100%: scratch 0.4 + {0, .01} -> 40.50 %, pre-trained +5 points; mAP is half of it.
+  assert '# Label efficiency (3D detection NDS, %)' in md
+  assert '| 100% | 40.50 +- 0.71 (n=2) | 45.50 +- 0.71 (n=2) | +5.00 | +5.00, +5.00 |' in md
+  assert '# Label efficiency (3D detection mAP, %)' in md
+  assert '| 100% | 20.25 +- 0.35 (n=2) | 22.75 +- 0.35 (n=2) | +2.50 | +2.50, +2.50 |' in md
+  assert os.path.exists(out + '.md') and os.path.getsize(out + '_det3d.png') > 1000
+  # Resuming runs nothing; the report alone rewrites the same detection table.
+  le.run_grid(config, res, [0.05, 1.0], [0, 1], tasks=('det3d',), out_prefix=out,
+              log=lambda s: None, in_process=True)
+  assert len(fake_training['det3d']) == 8
+  report.write_summary(report.collect(res, task='det3d'), out + '_alone', task='det3d')
+  assert open(out + '_alone.md').read() == md
+  with pytest.raises(ValueError, match='--tasks: unknown task'):
+    le.run_grid(config, res, [1.0], [0], tasks=('segdet',), log=lambda s: None, in_process=True)
 
 
 def test_resuming_with_other_settings_names_the_cell_and_flag(tmp_path, fake_training):
