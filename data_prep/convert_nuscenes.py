@@ -13,8 +13,8 @@ Two stages, so that an interrupted conversion resumes instead of starting over:
    keeps the intact ones, redoing a damaged one.
 2. Shards: the TFDS builder writes the records into TFRecord shards. TFDS writes into a
    temporary directory and renames it when all splits are done, so a dataset directory that
-   exists is complete. Then the statistics are written next to it (conversion_stats.json) and
-   the records are deleted.
+   exists is complete; the statistics (conversion_stats.json) are written into it before the
+   rename. Then the records are deleted.
 
 What is skipped and what stops (README "Data"): a split none of whose scenes the tables hold is
 skipped with a warning (an error only when every requested split is empty); with
@@ -239,14 +239,7 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
   if not tokens:
     raise ConversionError(f'{dataroot}/{version}: every key frame of {wanted} was skipped '
                           f'(missing input, e.g. {stats.skipped[0]["missing"]})')
-  _write_shards(data_config, records, tokens, stats, log)
-  summary = stats.summary()
-  try:
-    _write_json(os.path.join(out, STATS_FILE), summary)
-  except OSError as e:
-    if e.errno in record_workers.NO_SPACE:
-      raise record_workers.no_space_error(e, out, STATS_FILE) from None
-    raise
+  summary = _write_shards(data_config, records, tokens, stats, log)
   log('statistics: ' + json.dumps(summary))
   if not keep_records:
     shutil.rmtree(records, ignore_errors=True)
@@ -255,17 +248,6 @@ def convert(data_config, workers: int = 1, splits: Sequence[str] | None = None,
     except OSError:
       pass
   return data_dir
-
-
-def _write_json(path: str, value: Any) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _is_no_space(e: BaseException | None) -> bool:
@@ -281,13 +263,21 @@ def _is_no_space(e: BaseException | None) -> bool:
 
 
 def _write_shards(data_config, records: str, tokens: dict[str, list[str]], stats: _Stats,
-                  log: Callable[[str], None]) -> None:
-  """Stage 2: TFRecord shards from the records (TFDS' atomic directory rename)."""
+                  log: Callable[[str], None]) -> dict[str, Any]:
+  """Stage 2: TFRecord shards from the records, and STATS_FILE beside them, all in TFDS'
+  temporary directory that one rename makes the dataset. Returns the statistics."""
   import tensorflow_datasets as tfds
   from data_prep.nuscenes_nsmae import nuscenes_nsmae_dataset_builder as builder_lib
+  summary = {}
+
+  def write_stats(directory: str) -> None:
+    summary.update(stats.summary())
+    with open(os.path.join(directory, STATS_FILE), 'w') as f:
+      json.dump(summary, f, indent=1)
+
   builder = builder_lib.Builder(config=builder_lib.builder_config(data_config),
                                 data_dir=data_config.data_dir, record_dir=records,
-                                splits=tokens, on_example=stats.add)
+                                splits=tokens, on_example=stats.add, on_prepared=write_stats)
   start = time.time()
   try:
     builder.download_and_prepare(
@@ -300,6 +290,7 @@ def _write_shards(data_config, records: str, tokens: dict[str, list[str]], stats
     raise
   total = sum(len(t) for t in tokens.values())
   log(f'shards: {total} examples in {time.time() - start:.1f} s')
+  return summary
 
 
 def _check_existing(out: str, splits: Sequence[str] | None) -> None:

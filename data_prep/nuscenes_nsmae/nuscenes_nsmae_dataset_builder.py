@@ -106,13 +106,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                             'compensation, multi-sweep points, BEV map masks, boxes.'}
 
   def __init__(self, *, record_dir: str | None = None, splits: dict[str, list[str]] | None = None,
-               on_example: Callable[[str, dict], None] | None = None, **kwargs: Any):
+               on_example: Callable[[str, dict], None] | None = None,
+               on_prepared: Callable[[str], None] | None = None, **kwargs: Any):
     """record_dir/splits: where the converter's per-key-frame records are and which tokens
     each split holds (in order); on_example(split, record) sees every record written (with
-    the converter's extras, for statistics). Only needed to build, not to read."""
+    the converter's extras, for statistics); on_prepared(directory) may add files to the
+    dataset directory while it still has its temporary name, so that they appear with the
+    shards in TFDS' one rename. Only needed to build, not to read."""
     self._record_dir = record_dir
     self._split_tokens = splits or {}
     self._on_example = on_example
+    self._on_prepared = on_prepared
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -121,6 +125,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage='https://www.nuscenes.org/',
         description='nuScenes key frames for NS-MAE: 6 camera images, LiDAR sweeps, BEV map '
                     'masks and boxes; geometry in the key frame LIDAR_TOP frame.')
+
+  def _download_and_prepare(self, dl_manager, download_config):  # pylint: disable=arguments-differ
+    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    if self._on_prepared is not None:
+      self._on_prepared(str(self.data_dir))  # TFDS points data_dir at its temporary directory
 
   def _example_writer(self) -> writer_lib.ExampleWriter:
     return DeterministicExampleWriter(file_format=self.info.file_format)
