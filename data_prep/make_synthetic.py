@@ -17,7 +17,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 
 from data_prep.synthetic import mapexp, rig, tables

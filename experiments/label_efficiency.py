@@ -7,9 +7,10 @@ for BEV map segmentation and/or 3D detection (--tasks=bevseg,det3d).
 Pre-training runs first, once (<results_dir>/pretrain), shared by every task; then every
 fine-tuning cell (<results_dir>/ft_<init>_f<fraction>_s<seed> for segmentation,
 <results_dir>/det3d_<init>_f<fraction>_s<seed> for detection) with the same number of steps at
-every fraction, each in a fresh process. A cell whose result.json exists is skipped and an interrupted cell
-resumes from its checkpoint, so re-running the command continues the grid; a job directory
-started with other settings is refused (ConfigError naming the flags). After every cell the
+every fraction, each in a fresh process. A cell whose result.json exists is skipped and an
+interrupted cell resumes from its checkpoint, so re-running the command continues the grid; a job
+directory started with other settings is refused (ConfigError naming the flags). After every cell
+the
 report of its task is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one row
 per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gain) and
 <out_prefix>.png (mIoU, or NDS and mAP, vs label fraction with the seed spread); detection

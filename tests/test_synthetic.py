@@ -155,7 +155,6 @@ def test_all_four_map_files_and_bevfusion_rotated_mask(nusc):
 
 
 def test_lidar_agrees_with_rendered_camera_depth(nusc):
-  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=import-outside-toplevel
   from data_prep.synthetic.world_io import camera_depth  # pylint: disable=import-outside-toplevel
   errors = []
   for sample in nusc.sample[:2]:

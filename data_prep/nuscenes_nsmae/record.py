@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nsmae_jax.data.schema import CAMERAS, DETECTION_CLASSES, LIDAR, MAP_CLASSES
+from nsmae_jax.data.schema import CAMERAS, DETECTION_CLASSES, LIDAR
 
 _MAP_LAYERS = ('drivable_area', 'ped_crossing', 'walkway', 'stop_line', 'carpark_area',
                'road_divider', 'lane_divider')
