@@ -10,11 +10,10 @@ fine-tuning cell (<results_dir>/ft_<init>_f<fraction>_s<seed> for segmentation,
 every fraction, each in a fresh process. A cell whose result.json exists is skipped and an
 interrupted cell resumes from its checkpoint, so re-running the command continues the grid; a job
 directory started with other settings is refused (ConfigError naming the flags). After every cell
-the
-report of its task is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one row
-per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gain) and
-<out_prefix>.png (mIoU, or NDS and mAP, vs label fraction with the seed spread); detection
-writes <out_prefix>_det3d.*. That module also rewrites a report alone from a results dir.
+the report of its task is rewritten by experiments.label_efficiency_report: <out_prefix>.csv (one
+row per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gain) and
+<out_prefix>.png (mIoU, or NDS and mAP, vs label fraction with the seed spread); detection writes
+<out_prefix>_det3d.*. That module also rewrites a report alone from a results dir.
 
 Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
 with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
