@@ -66,7 +66,9 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
   sweeps/, maps/, maps/expansion/*.json, <out>/<version>/splits.json) and returns `out`.
 
   The last `val_scenes` scenes form the 'val' split. Output bytes depend only on the arguments
-  other than `workers` and `log` (a callable taking a message string).
+  other than `workers` and `log` (a callable taking a message string). The world is written
+  into `<out>.incomplete` and renamed to `out` when complete, so an interrupted run leaves no
+  half-written dataroot; the next run starts that directory afresh.
   """
   _check(isinstance(num_scenes, int) and num_scenes >= 1, 'num_scenes', num_scenes, 'need >= 1')
   _check(isinstance(val_scenes, int) and 0 <= val_scenes < num_scenes, 'val_scenes', val_scenes,
@@ -95,7 +97,11 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
       raise FileExistsError(f'make_synthetic: refusing to overwrite {out}: it was not written by '
                             f'make_synthetic (no {WORLD_FILE})')
     shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-  os.makedirs(out, exist_ok=True)
+  final, out = out, os.path.normpath(out) + '.incomplete'
+  if os.path.exists(out):  # left by an interrupted run; the world is deterministic: redo it
+    log(f'removing {out} left by an interrupted run')
+    shutil.rmtree(out)
+  os.makedirs(out)
 
   settings = Settings(seed, num_scenes, val_scenes, frames_per_scene, sweeps_per_frame,
                       image_width, image_height)
@@ -137,6 +143,10 @@ def generate(out: str, *, num_scenes: int = 10, val_scenes: int = 2, frames_per_
   split = num_scenes - val_scenes
   tables.write_table(os.path.join(root, 'splits.json'), dict(train=names[:split], val=names[split:]))
   write_world_file(out, settings, names)
+  if os.path.isdir(final):
+    os.rmdir(final)  # empty (checked above)
+  os.replace(out, final)
+  out = final
   elapsed = time.time() - start
   key_frames = num_scenes * frames_per_scene
   log(f'wrote {key_frames} key frames to {out} in {elapsed:.1f}s ({key_frames / elapsed:.2f} key '

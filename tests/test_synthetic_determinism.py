@@ -69,6 +69,26 @@ def test_non_empty_out_refused_unless_overwrite(tmp_path):
   assert (out / 'keep.txt').exists()
 
 
+@pytest.mark.slow
+def test_interrupted_generation_leaves_no_dataroot_and_a_rerun_completes(tmp_path, monkeypatch):
+  import data_prep.make_synthetic as ms  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'world'
+  real = ms.write_world_file
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # the run dies after every scene and table is written
+
+  monkeypatch.setattr(ms, 'write_world_file', killed)
+  with pytest.raises(KeyboardInterrupt):
+    generate(str(out), **SMALL)
+  assert not out.exists() and (tmp_path / 'world.incomplete').is_dir()
+  monkeypatch.setattr(ms, 'write_world_file', real)
+  generate(str(out), **SMALL)  # what ensure_dataset does next: starts the world afresh
+  assert not (tmp_path / 'world.incomplete').exists()
+  reference = generate(str(tmp_path / 'reference'), **SMALL)
+  assert _digest(str(out)) == _digest(reference)
+
+
 @pytest.mark.parametrize('kwargs, flag', [
     (dict(num_scenes=0), 'num_scenes'),
     (dict(num_scenes=2, val_scenes=2), 'val_scenes'),
