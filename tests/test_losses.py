@@ -5,7 +5,6 @@ terms switch off by weight."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from helpers import tiny_config
 from nsmae_jax.data.fake import fake_batch
