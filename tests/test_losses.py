@@ -15,8 +15,7 @@ CONFIG = tiny_config()
 
 
 def _example(config, seed=0):
-  b = fake_batch(config, 1, seed=seed)
-  b['points'][0, ::2, 4] = 0.0  # fake batches hold sweeps only: make half the points key-frame
+  b = fake_batch(config, 1, seed=seed)  # half key-frame points (time lag 0), half sweeps
   return {k: jnp.asarray(v[0]) for k, v in b.items()}
 
 

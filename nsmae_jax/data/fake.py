@@ -48,7 +48,9 @@ def fake_batch(config: Config, batch_size: int, seed: int = 0) -> dict[str, np.n
       rng.uniform(-e, e, size=(batch_size, p, 2)),
       rng.uniform(config.model.z_min, config.model.z_max, size=(batch_size, p, 1)),
       rng.uniform(0, 1, size=(batch_size, p, 1)),
-      rng.uniform(0, 0.5, size=(batch_size, p, 1))], axis=-1).astype(np.float32)
+      # Like a real record: the key frame's returns (time lag 0) first, then older sweeps.
+      np.where(np.arange(p)[None, :, None] < p // 2, 0.0,
+               rng.uniform(0.05, 0.5, size=(batch_size, p, 1)))], axis=-1).astype(np.float32)
   points_mask = np.arange(p)[None] < n_valid[:, None]
   boxes = rng.normal(size=(batch_size, m, 9)).astype(np.float32)
   return {
