@@ -45,3 +45,22 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if _WORLD_FIXTURES & set(getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_processes(request, monkeypatch):
+  """A test not marked slow that starts a process fails, naming the rule: the fast tier
+  (`-m "not slow"`) runs no subprocesses (nor worker pools)."""
+  if request.node.get_closest_marker('slow'):
+    return
+  import multiprocessing.context  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  def refuse(*args, **kwargs):
+    del args, kwargs
+    raise RuntimeError(f'{request.node.nodeid} starts a process: mark it @pytest.mark.slow '
+                       '(the fast tier runs no subprocesses)')
+
+  monkeypatch.setattr(subprocess.Popen, '__init__', refuse)
+  monkeypatch.setattr(multiprocessing.context.BaseContext, 'Pool', refuse)
+  monkeypatch.setattr(multiprocessing.process.BaseProcess, 'start', refuse)

@@ -71,6 +71,7 @@ def test_bad_values_name_the_flag(argv, message):
   assert str(err.value).startswith(message)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_entry_point_help_errors_and_exit_codes():
   help_out = _pretrain('--help')  # absl exits 1 after printing help
