@@ -27,4 +27,5 @@ def pretrain_task(config: Config) -> Task:
     return losses.render_views(model, params, batch, rng, camera=0)
 
   return Task(name='pretrain', model=model, init_params=init_params, loss_fn=loss_fn,
-              render_images=render_images)
+              render_images=render_images,
+              headline=('loss', 'perspective_psnr', 'bev_psnr', 'depth_abs_rel'))
