@@ -195,6 +195,13 @@ class TrainConfig:
   process_id: int = _f(0, 'Multi-host: this process index.')
   distributed: bool = _f(False, 'Call jax.distributed.initialize() (automatic on TPU pods and '
                          'SLURM; uses the three flags above when given).')
+  parallelism: str = _f('pmap', 'Data-parallel wrapper of the train/eval step: pmap (over the '
+                        'local devices) or jit (jit + shard_map over a Mesh of all devices, batch '
+                        'sharded, state replicated); same numbers, interchangeable checkpoints.',
+                        check=one_of('pmap', 'jit'))
+  compilation_cache_dir: str = _f('~/.cache/nsmae_jax/xla', 'Persistent XLA compilation cache '
+                                  'set by the entry points at start-up (empty = off): a rerun '
+                                  'skips compiling the step.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +218,15 @@ class FinetuneConfig:
   backbone_lr_scale: float = _f(1.0, 'Learning-rate multiplier of the backbone while '
                                 'fine-tuning (the head keeps 1); 0 freezes the backbone (a probe '
                                 'of the pre-trained features).', check=non_negative)
+  modalities: str = _f('camera,lidar', 'Sensors the fine-tuned model reads: camera,lidar '
+                       '(joint), camera or lidar. A single-modality model has no encoder for the '
+                       'other sensor and never reads its input; the present encoders and fusion '
+                       'layers restore from the joint pre-training (pre-training is always '
+                       'joint).', check=one_of('camera,lidar', 'camera', 'lidar'))
+  drop_modality: str = _f('', 'Evaluation with a sensor missing: camera (black images) or lidar '
+                          '(no points) is fed to a joint model at eval time only; empty = off.',
+                          check=lambda x: None if x in ('', 'camera', 'lidar') else
+                          f'must be camera, lidar or empty, got {x!r}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
   python tests/run_toy.py WORKDIR STEPS [--devices N] [--kill_at K] [--term_at K [--term_count C]]
       [--term_in_save S] [--width W] [--batch_sleep T]
-      [--process_id I --num_processes N --port P]
+      [--process_id I --num_processes N --port P] [--parallelism pmap|jit]
 
 Prints one JSON line: the final metrics and a fingerprint of the final params.
 """
@@ -29,6 +29,7 @@ parser.add_argument('--batch_sleep', type=float, default=0.0, help='seconds per 
 parser.add_argument('--process_id', type=int, default=0)
 parser.add_argument('--num_processes', type=int, default=1)
 parser.add_argument('--port', type=int, default=0)
+parser.add_argument('--parallelism', default='pmap', choices=('pmap', 'jit'))
 args = parser.parse_args()
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ if args.term_in_save >= 0:
 
 overrides = dict(num_train_steps=args.steps, per_device_batch_size=args.per_device,
                  checkpoint_every_steps=3, log_every_steps=1, eval_every_steps=0,
-                 image_every_steps=0, warmup_steps=2)
+                 image_every_steps=0, warmup_steps=2, parallelism=args.parallelism)
 if args.num_processes > 1:
   overrides.update(coordinator_address=f'127.0.0.1:{args.port}',
                    num_processes=args.num_processes, process_id=args.process_id)

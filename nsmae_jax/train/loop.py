@@ -1,9 +1,9 @@
-"""train_and_evaluate: the pmap training loop shared by pre-training and fine-tuning.
+"""train_and_evaluate: the data-parallel training loop shared by pre-training and fine-tuning.
 
 Shaped like flax's examples/imagenet train.py: create or restore the state, then the loop, with
 the periodic actions (log, images, eval, checkpoint, preemption) as small functions. One process
-per host; each reads its own part of the data. The per-device step (steps.py) is pure; pmap is
-applied here, once.
+per host; each reads its own part of the data. The per-device step (steps.py) is pure; the
+parallel wrapper (sharding.py: pmap, or jit over a Mesh, by --parallelism) is applied here, once.
 
 What a run guarantees:
 - A killed run resumes from its newest good checkpoint (train state and data iterator position
@@ -30,16 +30,15 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import numpy as np
 from absl import logging
-from flax import jax_utils
 
 from nsmae_jax.config import Config
 from nsmae_jax.data.fake import fake_batch
-from nsmae_jax.train import distributed
+from nsmae_jax.train import distributed, sharding
 from nsmae_jax.train.checkpointing import Checkpointer
 from nsmae_jax.train.metric_writer import MetricWriter, Progress
 from nsmae_jax.train.optim import learning_rate_schedule, make_optimizer
 from nsmae_jax.train.preemption import Preemption
-from nsmae_jax.train.steps import TrainState, eval_step, train_step
+from nsmae_jax.train.steps import TrainState
 from nsmae_jax.train.task import Task
 from nsmae_jax.train.workdir_lock import WorkdirLock
 
@@ -64,17 +63,8 @@ def _numeric(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
 
 
-def _replicate(tree: Any) -> Any:
-  """Replicates onto the local devices with the sharding pmap outputs carry.
-
-  flax's replicate() puts arrays on a differently named mesh than pmap's outputs; a pmapped
-  function called with both (eval before and after training) would compile twice.
-  """
-  return jax.pmap(lambda x: x, axis_name='batch')(jax_utils.replicate(tree))
-
-
-def _host_scalars(metrics: Any) -> dict[str, float]:
-  metrics = jax.device_get(jax_utils.unreplicate(metrics))
+def _host_scalars(parallel: sharding.Pmap | sharding.Jit, metrics: Any) -> dict[str, float]:
+  metrics = parallel.to_host(metrics)
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
@@ -88,18 +78,18 @@ def _due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
-def evaluate(task: Task, p_eval, rparams, rng, batches: Iterable[dict], max_batches: int
-             ) -> dict:
-  """Runs p_eval over `batches` (at most max_batches, 0 = all); returns the task's summary.
+def evaluate(task: Task, parallel: sharding.Pmap | sharding.Jit, rparams, rng,
+             batches: Iterable[dict], max_batches: int) -> dict:
+  """Runs parallel.eval over `batches` (at most max_batches, 0 = all); returns the task's summary.
 
   Each batch is a host batch [local_devices, B, ...] (optionally with `valid` [local_devices, B]
-  marking padding); rparams and rng are replicated over the local devices.
+  marking padding); rparams and rng are replicated by `parallel`.
   """
   sums = None
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    out = jax.device_get(jax_utils.unreplicate(p_eval(rparams, _numeric(batch), rng)))
+    out = parallel.to_host(parallel.eval(rparams, parallel.batch(_numeric(batch)), rng))
     sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
   if sums is None:
     return {}
@@ -140,8 +130,7 @@ class _Run:
   eval_batches_fn: Callable[[], Iterable[dict]]
   on_log: Callable[[int, dict], None] | None
   is_main: bool
-  p_train: Any
-  p_eval: Any
+  parallel: sharding.Pmap | sharding.Jit
   rstate: Any
   step_rng: Any
   eval_rng: Any
@@ -163,7 +152,7 @@ class _Run:
   def log(self, step: int, metrics: Any) -> None:
     """Train scalars (with rates and learning rate) to the writers, the bar and on_log."""
     tc = self.config.train
-    last = _host_scalars(metrics)
+    last = _host_scalars(self.parallel, metrics)
     self.check_finite(step, last)
     now = time.time()
     last['steps_per_second'] = (step - self.s_log) / max(now - self.t_log, 1e-9)
@@ -180,7 +169,7 @@ class _Run:
   def images(self, step: int, batch: dict) -> None:
     """The task's images of the first device's batch (host batch [devices, B, ...] -> [B, ...]),
     drawn with process 0's params."""
-    params0 = jax.device_get(jax_utils.unreplicate(self.rstate.params))
+    params0 = self.parallel.to_host(self.rstate.params)
     batch0 = {k: v[0] for k, v in batch.items()}
     self.writer.images(step, self.task.render_images(params0, batch0, self.image_rng))
 
@@ -188,7 +177,7 @@ class _Run:
     """One pass of eval_batches_fn() (closed afterwards); scalars prefixed 'eval_'."""
     batches = self.eval_batches_fn()
     try:
-      self.last_eval = evaluate(self.task, self.p_eval, self.rstate.params, self.eval_rng,
+      self.last_eval = evaluate(self.task, self.parallel, self.rstate.params, self.eval_rng,
                                 batches, self.config.train.eval_batches)
     finally:
       _close(batches)
@@ -200,10 +189,10 @@ class _Run:
 
   def checkpoint(self, step: int, metrics: Any) -> None:
     """Saves (asynchronously) unless the loss went non-finite since the last check."""
-    self.check_finite(step, _host_scalars(metrics))
+    self.check_finite(step, _host_scalars(self.parallel, metrics))
     data_state = (self.train_iterator.get_state() if hasattr(self.train_iterator, 'get_state')
                   else None)
-    self.ckpt.save(step, jax_utils.unreplicate(self.rstate), data_state, force=True)
+    self.ckpt.save(step, self.parallel.to_host(self.rstate), data_state, force=True)
 
   def train(self, start: int, preemption: Preemption) -> int | None:
     """Steps start+1 .. num_train_steps; returns the step SIGTERM stopped at, else None."""
@@ -212,7 +201,8 @@ class _Run:
     self.t_log, self.s_log, self.last_checked = time.time(), start, start
     for step in range(start + 1, total + 1):
       batch = _numeric(next(self.train_iterator))
-      self.rstate, metrics = self.p_train(self.rstate, batch, self.step_rng)
+      self.rstate, metrics = self.parallel.train(self.rstate, self.parallel.batch(batch),
+                                                 self.step_rng)
       self.progress.advance(step)
       self.ckpt.poll()  # the manifest of a save that finished meanwhile
       last = step == total
@@ -294,15 +284,13 @@ def train_and_evaluate(config: Config, workdir: str, task: Task, *,
         MetricWriter(workdir, enabled=is_main, resume_step=start)))
     progress = stack.enter_context(contextlib.closing(
         Progress(tc.num_train_steps, start, task.headline, enabled=is_main, desc=task.name)))
+    parallel = sharding.make(tc.parallelism, task.loss_fn)
     run = _Run(
         config=config, task=task, ckpt=ckpt, writer=writer, progress=progress,
         train_iterator=train_iterator, eval_batches_fn=eval_batches_fn, on_log=on_log,
-        is_main=is_main,
-        p_train=jax.pmap(functools.partial(train_step, loss_fn=task.loss_fn), axis_name='batch',
-                         donate_argnums=(0,)),
-        p_eval=jax.pmap(functools.partial(eval_step, loss_fn=task.loss_fn), axis_name='batch'),
-        rstate=_replicate(state), step_rng=_replicate(step_rng),
-        eval_rng=_replicate(eval_rng), image_rng=image_rng)
+        is_main=is_main, parallel=parallel, rstate=parallel.replicate(state),
+        step_rng=parallel.replicate(step_rng), eval_rng=parallel.replicate(eval_rng),
+        image_rng=image_rng)
     del state
 
     if start == 0 and tc.eval_every_steps and not preemption.requested:
@@ -315,4 +303,4 @@ def train_and_evaluate(config: Config, workdir: str, task: Task, *,
       run.evaluate(tc.num_train_steps)  # the final eval, unless the periodic one just ran
     ckpt.wait()
     metrics.update({f'eval_{k}': v for k, v in run.last_eval.items()})
-    return TrainResult(jax.device_get(jax_utils.unreplicate(run.rstate)), metrics)
+    return TrainResult(parallel.to_host(run.rstate), metrics)
