@@ -77,10 +77,10 @@ def test_prepare_params_restores_through_the_task(fresh_params, tmp_path):
 
 def test_mismatched_checkpoint_names_the_leaf(fresh_params, tmp_path):
   bad = jax.tree_util.tree_map(np.asarray, fresh_params['backbone'])
-  bad = dict(bad, fusion=dict(bad['fusion'], bev_conv={'kernel': np.zeros((1, 1, 1, 1)),
-                                                       'bias': bad['fusion']['bev_conv']['bias']}))
+  bad = dict(bad, fusion=dict(bad['fusion'], bev_conv=dict(
+      bad['fusion']['bev_conv'], volume_kernel=np.zeros((1, 1, 1, 1), np.float32))))
   _save_pretrain_checkpoint(tmp_path / 'pre', bad)
-  with pytest.raises(ValueError, match='bev_conv/kernel'):
+  with pytest.raises(ValueError, match='bev_conv/volume_kernel'):
     init_from_pretrained(fresh_params, str(tmp_path / 'pre'))
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     init_from_pretrained(fresh_params, str(tmp_path / 'empty'))

@@ -7,21 +7,32 @@ newest verified checkpoint of config.finetune.init_workdir (empty = from scratch
 always fresh. What was loaded and what stayed fresh is printed and written to
 <workdir>/init_report.json. Eval sums TP/FP/FN per class and threshold over the whole val split
 (use --eval_batches=0) and reports BEVFusion's mIoU (nsmae_jax.finetune.metrics).
+
+--modalities=camera|lidar fine-tunes a single-modality model (nsmae_jax.models.backbone): only
+the present encoders and fusion leaves exist, and only they are restored. --drop_modality
+evaluates a joint model with one sensor's input removed (training is unchanged);
+evaluate_checkpoint re-evaluates a finished fine-tuning that way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsmae_jax.config import Config
+from flax import jax_utils
+
+from nsmae_jax.config import Config, ConfigError
+from nsmae_jax.data.fake import fake_batch
 from nsmae_jax.finetune import metrics as metrics_lib
 from nsmae_jax.finetune.head import BEVSegModel, seg_loss
+from nsmae_jax.models.backbone import drop_modality, modalities
+from nsmae_jax.train import steps as steps_lib
 from nsmae_jax.train.checkpointing import restore_subtree
 from nsmae_jax.train.task import Task
 
@@ -67,6 +78,73 @@ def init_from_pretrained(params: dict, init_workdir: str, step: int | None = Non
   return params, report
 
 
+def eval_inputs(config: Config) -> Callable[[dict], dict]:
+  """batch -> the batch an eval step feeds the model: with --drop_modality, that sensor's input
+  removed (drop_modality); else unchanged. Raises ConfigError unless the model is joint (a
+  single-modality model does not read the other sensor, and without its own it has none)."""
+  fc = config.finetune
+  if not fc.drop_modality:
+    return lambda batch: batch
+  if modalities(config) != ('camera', 'lidar'):
+    raise ConfigError(f'--drop_modality: removes a sensor from a joint model; this one reads '
+                      f'only --modalities={fc.modalities}')
+  return functools.partial(drop_modality, modality=fc.drop_modality)
+
+
+def print_init_report(report: dict, config: Config, workdir: str | None) -> None:
+  """Prints what init_from_pretrained loaded (process 0) and writes <workdir>/init_report.json."""
+  if jax.process_index() != 0:
+    return
+  fc = config.finetune
+  report = dict(report, modalities=list(modalities(config)))
+  src = f'{fc.init_workdir} step {report["step"]}' if fc.init_workdir else 'nothing (scratch)'
+  fresh_modules = sorted({'/'.join(p.split('/')[:2]) for p in report['fresh']})
+  print(f'init ({fc.modalities}): loaded {len(report["loaded"])} leaves / '
+        f'{report["loaded_params"]:,} params from {src}; fresh {len(report["fresh"])} leaves / '
+        f'{report["fresh_params"]:,} params ({", ".join(fresh_modules)})', flush=True)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'init_report.json'), 'w') as f:
+      json.dump(report, f, indent=1)
+
+
+def evaluate_checkpoint(config: Config, workdir: str, task: Task,
+                        eval_batches_fn: Callable[[], Iterable[dict]] | None = None,
+                        step: int | None = None) -> dict:
+  """One eval pass of the fine-tuned params of `workdir` (its newest verified checkpoint, or
+  `step`) with `task` (built from `config`, e.g. with --drop_modality set); returns the task's
+  eval summary. Writes nothing into `workdir` (a det3d task writes under its own workdir).
+
+  eval_batches_fn: a fresh iterable of host batches [local_devices, B, ...] (default: the val
+  pipeline); config.train.eval_batches of them (0 = all).
+  """
+  example = fake_batch(config, config.train.per_device_batch_size)  # shapes only
+  shapes = jax.eval_shape(task.init_params, jax.random.PRNGKey(0), example)
+  target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  params, _ = restore_subtree(workdir, target, prefix=('params',), step=step)
+  if eval_batches_fn is None:
+    from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    eval_batches_fn = functools.partial(pipeline.make_eval_iterator, config)
+  # Its own small pmap loop (the training loop's evaluate is tied to its run state); the step is
+  # the loop's eval_step, so the sums and the summary are those of a training run's eval.
+  p_eval = jax.pmap(functools.partial(steps_lib.eval_step, loss_fn=task.loss_fn),
+                    axis_name='batch')
+  rparams = jax_utils.replicate(params)
+  rng = jax_utils.replicate(jax.random.PRNGKey(config.train.seed))
+  sums, batches = None, eval_batches_fn()
+  try:
+    for i, batch in enumerate(batches):
+      if config.train.eval_batches and i >= config.train.eval_batches:
+        break
+      numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
+      out = jax.device_get(jax_utils.unreplicate(p_eval(rparams, numeric, rng)))
+      sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
+  finally:
+    if hasattr(batches, 'close'):
+      batches.close()
+  return {} if sums is None else task.eval_summary(sums)
+
+
 def _to_image(a: np.ndarray) -> np.ndarray:
   """[X, Y] grid (LiDAR frame) -> [rows, cols] image with +y (forward) up and +x right."""
   return np.flipud(np.asarray(a).T)
@@ -92,6 +170,7 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
   """The segmentation Task: BEVSegModel, focal/BCE loss, BEVFusion mIoU, pred-vs-GT images."""
   model = BEVSegModel(config)
   fc = config.finetune
+  eval_view = eval_inputs(config)
 
   # jit: an eager init/apply of the backbone dispatches thousands of small ops (over a minute
   # on a loaded 2-core machine); compiled, it is one call.
@@ -102,6 +181,8 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
 
   def loss_fn(params, batch, rng, train):
     del rng  # no masking or dropout in fine-tuning
+    if not train:
+      batch = eval_view(batch)
     logits = model.apply({'params': params}, batch, train=train)  # [B, X, Y, C]
     labels = jnp.moveaxis(batch['bev_map'], -3, -1)              # [B, C, X, Y] -> [B, X, Y, C]
     loss = seg_loss(logits, labels, fc.seg_loss)
@@ -129,16 +210,7 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
 
   def prepare_params(params):
     params, report = init_from_pretrained(params, fc.init_workdir)
-    if jax.process_index() == 0:
-      src = f'{fc.init_workdir} step {report["step"]}' if fc.init_workdir else 'nothing (scratch)'
-      fresh_modules = sorted({'/'.join(p.split('/')[:2]) for p in report['fresh']})
-      print(f'init: loaded {len(report["loaded"])} leaves / {report["loaded_params"]:,} params '
-            f'from {src}; fresh {len(report["fresh"])} leaves / {report["fresh_params"]:,} '
-            f'params ({", ".join(fresh_modules)})', flush=True)
-      if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'init_report.json'), 'w') as f:
-          json.dump(report, f, indent=1)
+    print_init_report(report, config, workdir)
     return params
 
   def lr_scales(params):

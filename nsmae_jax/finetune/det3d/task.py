@@ -4,8 +4,9 @@
   train_and_evaluate(config, workdir, task=task, eval_batches_fn=det3d_eval_batches(config))
 
 The backbone is restored as for segmentation (nsmae_jax.finetune.task.init_from_pretrained);
-the CenterHead is fresh. Training: focal loss on the class heatmaps + det_reg_weight x L1 on the
-box regressions at the true centres (targets.py). Evaluation: each eval example is decoded on
+the CenterHead is fresh (--modalities and --drop_modality as for segmentation). Training: focal
+loss on the class heatmaps + det_reg_weight x L1 on the box regressions at the true centres
+(targets.py). Evaluation: each eval example is decoded on
 the device (decode.py); when its batch carries `index` (det3d_eval_batches adds it), the
 detections are handed to the host with the record index. The loop sums eval metrics over
 examples, which cannot carry boxes, so they travel through jax.debug.callback into this task's
@@ -16,7 +17,6 @@ global frame) and scores it with the devkit's DetectionEval (eval keys map, nds,
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from typing import Callable
@@ -32,7 +32,7 @@ from nsmae_jax.finetune.det3d.decode import decode
 from nsmae_jax.finetune.det3d.head import DetModel, det_cells
 from nsmae_jax.finetune.det3d.targets import center_targets, focal_loss, regression_loss
 from nsmae_jax.finetune.det3d.viz import bev_boxes_image
-from nsmae_jax.finetune.task import init_from_pretrained
+from nsmae_jax.finetune.task import eval_inputs, init_from_pretrained, print_init_report
 from nsmae_jax.train.task import Task
 
 
@@ -95,12 +95,15 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
   predict = predict_fn(config, model)
   buffer = DetectionBuffer()
   out_dir = os.path.join(workdir or config.train.workdir, 'det3d')
+  eval_view = eval_inputs(config)
 
   init_params = jax.jit(lambda rng, batch: model.init({'params': rng}, batch,
                                                       train=False)['params'])
 
   def loss_fn(params, batch, rng, train):
     del rng  # no masking or dropout in fine-tuning
+    if not train:
+      batch = eval_view(batch)
     out = model.apply({'params': params}, batch, train=train)
     heat, reg = out['heatmap'][0], out['regression'][0]      # [N, N, C], [N, N, 10]
     targets = center_targets(batch['boxes'][0], batch['box_labels'][0], batch['boxes_mask'][0],
@@ -148,7 +151,9 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
     ex = jax.tree_util.tree_map(lambda a: a[:1], batch)
     dets, heat = jax.device_get(predict(params, ex))
     keep = np.asarray(dets.valid[0])
-    points = np.asarray(ex['points'][0])[np.asarray(ex['points_mask'][0])]
+    # A camera-only batch may carry no points: the picture then shows boxes only.
+    points = (np.asarray(ex['points'][0])[np.asarray(ex['points_mask'][0])] if 'points' in ex
+              else np.zeros((0, 5), np.float32))
     gt = np.asarray(ex['boxes_mask'][0])
     return {'det_bev_pred_vs_gt': bev_boxes_image(
         points, np.asarray(ex['boxes'][0])[gt], np.asarray(ex['box_labels'][0])[gt],
@@ -157,15 +162,7 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
 
   def prepare_params(params):
     params, report = init_from_pretrained(params, fc.init_workdir)
-    if jax.process_index() == 0:
-      src = f'{fc.init_workdir} step {report["step"]}' if fc.init_workdir else 'nothing (scratch)'
-      print(f'init: loaded {len(report["loaded"])} leaves / {report["loaded_params"]:,} params '
-            f'from {src}; fresh {len(report["fresh"])} leaves / {report["fresh_params"]:,} '
-            'params (head)', flush=True)
-      if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'init_report.json'), 'w') as f:
-          json.dump(report, f, indent=1)
+    print_init_report(report, config, workdir)
     return params
 
   def lr_scales(params):
