@@ -27,6 +27,7 @@ import time
 
 from absl import flags
 
+from experiments import data
 from experiments import flags as nsflags
 from experiments import label_efficiency_report as report
 
@@ -58,9 +59,6 @@ _ABLATION_FRACTION = flags.DEFINE_float('ablation_fraction', 0.05,
                                         'The label fraction of the ablation cells.')
 _RUN_CELL = flags.DEFINE_string('run_cell', '', 'Internal: run the one job described by this '
                                 'JSON file (a fresh process per cell) and exit.')
-_COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', '', 'Persistent XLA compilation cache dir shared by the cells (every '
-    'cell compiles the same program); empty = <results_dir>/xla_cache, "none" = off.')
 
 # Config overrides that switch one part of pre-training off.
 ABLATIONS = {
@@ -85,17 +83,9 @@ def pretrain_dir(results_dir: str, ablation: str = '') -> str:
   return os.path.join(results_dir, 'pretrain' + (f'_{ablation}' if ablation else ''))
 
 
-def _enable_compilation_cache(directory: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  os.makedirs(directory, exist_ok=True)
-  jax.config.update('jax_compilation_cache_dir', os.path.abspath(directory))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-
-
 # Settings that do not change a job's result: a finished job run with other values still counts.
 _BOOKKEEPING = {'workdir', 'log_every_steps', 'checkpoint_every_steps', 'image_every_steps',
-                'max_to_keep', 'convert_workers'}
+                'max_to_keep', 'convert_workers', 'compilation_cache_dir', 'parallelism'}
 
 
 def check_same_settings(workdir: str, config) -> None:
@@ -147,19 +137,11 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
   os.makedirs(workdir, exist_ok=True)
   job = os.path.join(workdir, 'job.json')
   with open(job, 'w') as f:
-    json.dump({'kind': kind, 'workdir': workdir, 'config': config.to_dict(),
-               'compilation_cache': _cache_dir_value()}, f, indent=1)
+    json.dump({'kind': kind, 'workdir': workdir, 'config': config.to_dict()}, f, indent=1)
   subprocess.run([sys.executable, '-m', 'experiments.label_efficiency', f'--run_cell={job}'],
                  check=True)
   with open(os.path.join(workdir, 'job_result.json')) as f:
     return json.load(f)
-
-
-def _cache_dir_value() -> str:
-  try:
-    return _COMPILATION_CACHE.value
-  except flags.UnparsedFlagAccessError:
-    return 'none'
 
 
 def _run_cell_main(path: str) -> None:
@@ -167,9 +149,8 @@ def _run_cell_main(path: str) -> None:
   from nsmae_jax.config import Config  # pylint: disable=import-outside-toplevel
   with open(path) as f:
     job = json.load(f)
-  if job.get('compilation_cache', 'none') not in ('none', ''):
-    _enable_compilation_cache(job['compilation_cache'])
   config = Config.from_dict(job['config'])
+  data.enable_compilation_cache(config.train.compilation_cache_dir)
   res = _run_job(job['kind'], config, job['workdir'], in_process=True)
   with open(os.path.join(job['workdir'], 'job_result.json'), 'w') as f:
     json.dump({k: v for k, v in res.items() if isinstance(v, (int, float))}, f, indent=1)
@@ -253,10 +234,12 @@ def main(argv):
   if _RUN_CELL.value:
     _run_cell_main(_RUN_CELL.value)
     return
-  config = nsflags.config_from_flags()
   results_dir = _RESULTS_DIR.value
-  if _COMPILATION_CACHE.value == '':
-    FLAGS.compilation_cache = os.path.abspath(os.path.join(results_dir, 'xla_cache'))
+  overrides = {}
+  if not FLAGS['compilation_cache_dir'].present:  # the grid's cells share their own cache
+    overrides['compilation_cache_dir'] = os.path.abspath(os.path.join(results_dir, 'xla_cache'))
+  config = nsflags.config_from_flags(**overrides)
+  data.enable_compilation_cache(config.train.compilation_cache_dir)
   t0 = time.time()
   rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
                   [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
