@@ -13,6 +13,18 @@ import os
 # Tests see two CPU devices so that pmap paths are exercised; set before jax is imported.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent compilation cache per test run (JAX reads these variables at import): the
+# subprocesses of the slow tests (run_toy, entry points) then load the programs an earlier one
+# compiled. Fresh per run so that no stale program outlives a code change.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _XLA_CACHE = tempfile.mkdtemp(prefix='nsmae_test_xla_')
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import pytest  # noqa: E402
 
