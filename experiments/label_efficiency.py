@@ -17,6 +17,13 @@ row per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gai
 
 Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
 with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
+
+Single-modality transfer: --modalities=camera (or lidar) runs the same grid with camera-only
+(LiDAR-only) models restored from the same joint pre-training (which always stays joint), in
+cells <prefix>-camera_<init>_f<fraction>_s<seed> and reports <out_prefix>_camera.*.
+Robustness: --drop_modality=camera (or lidar) trains nothing: it evaluates every finished joint
+cell again with that sensor's input removed (<cell>/drop_camera/result.json) and writes
+<out_prefix>_drop_camera.*.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from absl import flags
 from experiments import data
 from experiments import flags as nsflags
 from experiments import label_efficiency_report as report
+from nsmae_jax.config import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -117,8 +125,8 @@ def _finetune_fn(task: str):
 
 
 def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
-  """Runs one pre-training ('pretrain') or fine-tuning ('finetune:<task>') job; returns its
-  metrics.
+  """Runs one pre-training ('pretrain'), fine-tuning ('finetune:<task>') or sensor-drop
+  evaluation ('evaluate:<task>', of the cell config.train.workdir) job; returns its metrics.
 
   Out of process by default: XLA:CPU never unmaps the code of executables it loaded, so two
   dozen runs in one process ran out of memory mappings ("LLVM ERROR: Unable to allocate section
@@ -131,6 +139,8 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
     from nsmae_jax.pretrain import pretrain_task
     if kind == 'pretrain':
       return train.train_and_evaluate(config, workdir, pretrain_task(config)).metrics
+    if kind.startswith('evaluate:'):
+      return evaluate_dropped(config, workdir, kind.split(':')[1])
     return _finetune_fn(kind.split(':')[1])(config, workdir)
   import subprocess
   import sys
@@ -173,8 +183,14 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   for task in tasks:
     if task not in report.TASKS:
       raise ValueError(f'--tasks: unknown task {task!r}; known: {sorted(report.TASKS)}')
-  pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps)
-  for ab in [''] * any(i != 'scratch' for i in inits) + list(ablations):
+  drop = config.finetune.drop_modality
+  if drop and config.finetune.modalities != report.JOINT:
+    raise ConfigError(f'--drop_modality: removes a sensor from the joint grid\'s models; '
+                      f'--modalities={config.finetune.modalities} has none to remove')
+  # Pre-training is joint whatever the fine-tuning reads: every grid shares it.
+  pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps,
+                           modalities=report.JOINT, drop_modality='')
+  for ab in ([] if drop else [''] * any(i != 'scratch' for i in inits) + list(ablations)):
     wd = pretrain_dir(results_dir, ab)
     cfg = pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {}))
     check_same_settings(wd, cfg)
@@ -187,24 +203,85 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
       json.dump(dict(res, wall_s=time.time() - t0), f, indent=1)
   ft_cfg = config.replace(
       num_train_steps=finetune_steps or config.train.num_train_steps, eval_batches=0,
-      learning_rate=finetune_learning_rate or config.train.learning_rate)
+      learning_rate=finetune_learning_rate or config.train.learning_rate, drop_modality='')
+  mods = config.finetune.modalities
   rows = []
   for task in tasks:
-    prefix = (out_prefix + report.TASKS[task].out_suffix if out_prefix else
-              report.default_out_prefix(results_dir, task))
-    rows = _run_cells(ft_cfg, results_dir, cells, task, prefix, log, in_process)
+    prefix = (out_prefix + report.TASKS[task].out_suffix + report.variant_suffix(mods, drop)
+              if out_prefix else report.default_out_prefix(results_dir, task, mods, drop))
+    if drop:
+      rows = _drop_cells(ft_cfg, results_dir, cells, task, drop, prefix, log, in_process)
+    else:
+      rows = _run_cells(ft_cfg, results_dir, cells, task, prefix, log, in_process)
   return rows
+
+
+def _cell_config(ft_cfg, results_dir: str, init: str, fraction: float, seed: int, task: str):
+  """(workdir, config) of one fine-tuning cell."""
+  wd = os.path.join(results_dir, report.cell_name(init, fraction, seed, task,
+                                                  ft_cfg.finetune.modalities))
+  ablation = init.split(':')[1] if ':' in init else ''
+  init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
+  return wd, ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
+                            subset_seed=seed, seed=seed)
+
+
+def _drop_cells(ft_cfg, results_dir: str, cells, task: str, drop: str, out_prefix: str, log,
+                in_process: bool) -> list[dict]:
+  """Evaluates every finished joint cell of `task` with the `drop` sensor removed, once
+  (<cell>/drop_<drop>/result.json); rewrites the sensor-drop report after each."""
+  for init, fraction, seed in cells:
+    wd, cfg = _cell_config(ft_cfg, results_dir, init, fraction, seed, task)
+    check_same_settings(wd, cfg)
+    trained = report.result_path(wd)
+    done = report.result_path(wd, drop)
+    if not os.path.exists(trained):
+      log(f'== {task} {init} fraction {fraction:g} seed {seed}: not fine-tuned yet ({wd}); '
+          f'no {drop}-drop evaluation')
+      continue
+    if os.path.exists(done):
+      continue
+    log(f'== {task} {init} fraction {fraction:g} seed {seed}: evaluating without {drop}')
+    t0 = time.time()
+    res = _run_job(f'evaluate:{task}', cfg.replace(drop_modality=drop), os.path.dirname(done),
+                   in_process)
+    with open(trained) as f:
+      saved = json.load(f)
+    # The training's bookkeeping, so that the report reads the row like any other.
+    res.update({k: saved[k] for k in ('train_frames', 'steps') if k in saved},
+               eval_wall_s=time.time() - t0, wall_s=saved.get('wall_s', 0.0),
+               drop_modality=drop)
+    with open(done, 'w') as f:
+      json.dump(res, f, indent=1)
+    report.write_summary(report.collect(results_dir, cells, task, drop=drop), out_prefix,
+                         task=task, drop=drop)
+  rows = report.collect(results_dir, cells, task, drop=drop)
+  report.write_summary(rows, out_prefix, task=task, drop=drop)
+  return rows
+
+
+def evaluate_dropped(config, workdir: str, task: str) -> dict:
+  """Evaluates the fine-tuned cell config.train.workdir with config.finetune.drop_modality
+  removed; what the evaluation writes (det3d results) goes under `workdir`. Returns the eval
+  metrics prefixed 'eval_'."""
+  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.finetune.task import bevseg_task, evaluate_checkpoint
+  batches = None
+  if task == 'det3d':
+    from nsmae_jax.finetune.det3d import det3d_eval_batches, det3d_task
+    task_obj, batches = det3d_task(config, workdir), det3d_eval_batches(config)
+  else:
+    task_obj = bevseg_task(config, workdir)
+  summary = evaluate_checkpoint(config, config.train.workdir, task_obj, eval_batches_fn=batches)
+  return {f'eval_{k}': v for k, v in summary.items()}
 
 
 def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
                in_process: bool) -> list[dict]:
   """Runs the unfinished fine-tuning cells of one task; rewrites its report after each."""
+  mods = ft_cfg.finetune.modalities
   for init, fraction, seed in cells:
-    wd = os.path.join(results_dir, report.cell_name(init, fraction, seed, task))
-    ablation = init.split(':')[1] if ':' in init else ''
-    init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
-    cfg = ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
-                         subset_seed=seed, seed=seed)
+    wd, cfg = _cell_config(ft_cfg, results_dir, init, fraction, seed, task)
     check_same_settings(wd, cfg)
     if os.path.exists(os.path.join(wd, 'result.json')):
       continue
@@ -223,9 +300,10 @@ def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
     headline = ', '.join(f'{label} {100 * res.get(f"eval_{m}", float("nan")):.2f}'
                          for m, label in report.TASKS[task].headlines)
     log(f'   {headline} in {res["wall_s"]:.0f} s')
-    report.write_summary(report.collect(results_dir, cells, task), out_prefix, task=task)
-  rows = report.collect(results_dir, cells, task)
-  report.write_summary(rows, out_prefix, task=task)
+    report.write_summary(report.collect(results_dir, cells, task, mods), out_prefix, task=task,
+                         modalities=mods)
+  rows = report.collect(results_dir, cells, task, mods)
+  report.write_summary(rows, out_prefix, task=task, modalities=mods)
   return rows
 
 

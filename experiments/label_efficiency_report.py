@@ -8,7 +8,13 @@ Reads the results directory that the grid runner (experiments.label_efficiency) 
 (prefix `ft` for BEV map segmentation, `det3d` for 3D detection), and writes <out_prefix>.csv
 (one row per cell: the headline metrics and the per-class scores), <out_prefix>.md (per headline
 metric, mean +- std over seeds per fraction, and the gain) and <out_prefix>.png (headline vs
-label fraction with the seed spread). The runner rewrites the report after every cell; run this
+label fraction with the seed spread).
+
+Single-modality grids (--modalities=camera or lidar) have their own cells, <prefix>-<modality>_...
+(e.g. ft-camera_pretrained_f0.05_s0), and reports, <out_prefix>_<modality>.*; the joint grid's
+names are unchanged, so neither can read the other's cells. A sensor-drop evaluation
+(--drop_modality=camera|lidar) of the joint cells stores <cell>/drop_<sensor>/result.json and is
+reported as <out_prefix>_drop_<sensor>.*, beside the single-modality reports. The runner rewrites the report after every cell; run this
 module alone to rewrite it from an existing results directory (e.g. after editing the format),
 without JAX or a training.
 
@@ -69,16 +75,37 @@ TASKS = {
 CSV_FIELDS = TASKS['bevseg'].csv_fields
 
 
-def _cell_dir(task: str) -> re.Pattern:
+JOINT = 'camera,lidar'
+
+
+def _cell_prefix(task: str, modalities: str) -> str:
+  """ft / det3d for the joint model, ft-camera, det3d-lidar, ... for a single modality: a
+  single-modality cell never matches the joint grid's pattern, nor the other way round."""
+  return TASKS[task].cell_prefix + ('' if modalities == JOINT else f'-{modalities}')
+
+
+def _cell_dir(task: str, modalities: str = JOINT) -> re.Pattern:
   # <prefix>_<init>_f<fraction>_s<seed>; an ablation init 'pretrained:<ablation>' is written
   # with '-' because ':' is not portable in file names.
-  return re.compile(TASKS[task].cell_prefix +
+  return re.compile(re.escape(_cell_prefix(task, modalities)) +
                     r'_(?P<init>.+)_f(?P<fraction>[^_]+)_s(?P<seed>\d+)')
 
 
-def cell_name(init: str, fraction: float, seed: int, task: str = 'bevseg') -> str:
-  """The directory name of a fine-tuning cell of `task` under the results directory."""
-  return f'{TASKS[task].cell_prefix}_{init.replace(":", "-")}_f{fraction:g}_s{seed}'
+def cell_name(init: str, fraction: float, seed: int, task: str = 'bevseg',
+              modalities: str = JOINT) -> str:
+  """The directory name of a fine-tuning cell of `task` (with `modalities`) under the results
+  directory."""
+  return f'{_cell_prefix(task, modalities)}_{init.replace(":", "-")}_f{fraction:g}_s{seed}'
+
+
+def result_path(cell_dir: str, drop: str = '') -> str:
+  """A cell's result.json; with `drop` (camera or lidar) the sensor-drop evaluation's."""
+  return os.path.join(cell_dir, f'drop_{drop}' if drop else '', 'result.json')
+
+
+def variant_suffix(modalities: str = JOINT, drop: str = '') -> str:
+  """What a report's name adds for a single-modality grid or a sensor-drop evaluation."""
+  return ('' if modalities == JOINT else f'_{modalities}') + (f'_drop_{drop}' if drop else '')
 
 
 def _init_rank(init: str) -> tuple[bool, str]:
@@ -86,12 +113,13 @@ def _init_rank(init: str) -> tuple[bool, str]:
   return init != 'scratch', init
 
 
-def find_cells(results_dir: str, task: str = 'bevseg') -> list[tuple[str, float, int]]:
-  """(init, fraction, seed) of every cell directory of `task` under `results_dir`, in the
-  runner's plan order: seed-major (seed, fraction, scratch before pre-trained), ablation cells
-  last."""
+def find_cells(results_dir: str, task: str = 'bevseg',
+               modalities: str = JOINT) -> list[tuple[str, float, int]]:
+  """(init, fraction, seed) of every cell directory of `task` (with `modalities`) under
+  `results_dir`, in the runner's plan order: seed-major (seed, fraction, scratch before
+  pre-trained), ablation cells last."""
   cells = []
-  pattern = _cell_dir(task)
+  pattern = _cell_dir(task, modalities)
   for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
     m = pattern.fullmatch(name)
     if m and os.path.isdir(os.path.join(results_dir, name)):
@@ -124,14 +152,17 @@ def _saved_train_frames(workdir: str, fraction: float) -> int | str:
     return train_frames(Config.from_dict(json.load(f)), fraction)
 
 
-def collect(results_dir: str, cells=None, task: str = 'bevseg') -> list[dict]:
+def collect(results_dir: str, cells=None, task: str = 'bevseg', modalities: str = JOINT,
+            drop: str = '') -> list[dict]:
   """CSV rows of the finished cells of `task` (those with a result.json) among `cells` (default:
-  every cell directory of the task under `results_dir`, find_cells order)."""
+  every cell directory of the task under `results_dir`, find_cells order); `modalities` picks
+  the grid, `drop` (camera or lidar) its sensor-drop evaluations instead of its results."""
   spec = TASKS[task]
   rows = []
-  for init, fraction, seed in find_cells(results_dir, task) if cells is None else cells:
-    workdir = os.path.join(results_dir, cell_name(init, fraction, seed, task))
-    path = os.path.join(workdir, 'result.json')
+  for init, fraction, seed in (find_cells(results_dir, task, modalities) if cells is None
+                               else cells):
+    workdir = os.path.join(results_dir, cell_name(init, fraction, seed, task, modalities))
+    path = result_path(workdir, drop)
     if not os.path.exists(path):
       continue
     with open(path) as f:
@@ -154,9 +185,13 @@ def _stats(values):
 
 
 def write_summary(rows: list[dict], out_prefix: str, title: str = '',
-                  task: str = 'bevseg') -> None:
-  """Writes <out_prefix>.csv, .md and .png from the cell rows of `task` (partial grids too)."""
+                  task: str = 'bevseg', modalities: str = JOINT, drop: str = '') -> None:
+  """Writes <out_prefix>.csv, .md and .png from the cell rows of `task` (partial grids too);
+  the default title names a single modality (`modalities`) or a dropped sensor (`drop`)."""
   spec = TASKS[task]
+  if modalities != JOINT or drop:
+    what = f'{modalities} only' if modalities != JOINT else f'joint model, {drop} removed at eval'
+    spec = dataclasses.replace(spec, title=spec.title[:-1] + f'; {what})')
   os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
   fields = spec.csv_fields
   with open(out_prefix + '.csv', 'w', newline='') as f:
@@ -245,8 +280,10 @@ def _plot(groups: dict, spec: TaskReport, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def default_out_prefix(results_dir: str, task: str = 'bevseg') -> str:
-  return os.path.join(results_dir, 'label_efficiency' + TASKS[task].out_suffix)
+def default_out_prefix(results_dir: str, task: str = 'bevseg', modalities: str = JOINT,
+                       drop: str = '') -> str:
+  return os.path.join(results_dir, 'label_efficiency' + TASKS[task].out_suffix +
+                      variant_suffix(modalities, drop))
 
 
 def _main() -> None:
@@ -263,15 +300,21 @@ def _main() -> None:
                               'the standard one).')
   task = flags.DEFINE_enum('task', 'bevseg', sorted(TASKS), 'Which downstream task\'s cells to '
                            'report (bevseg: mIoU; det3d: NDS and mAP).')
+  modalities = flags.DEFINE_enum('modalities', JOINT, [JOINT, 'camera', 'lidar'],
+                                 'Which grid: the joint one or a single-modality one.')
+  drop = flags.DEFINE_enum('drop_modality', '', ['', 'camera', 'lidar'], 'Report the joint '
+                           'cells\' evaluations with this sensor removed instead.')
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected positional arguments {list(argv[1:])}')
     if not os.path.isdir(results_dir.value):
       raise app.UsageError(f'--results_dir: directory {results_dir.value!r} does not exist')
-    rows = collect(results_dir.value, task=task.value)
-    prefix = out_prefix.value or default_out_prefix(results_dir.value, task.value)
-    write_summary(rows, prefix, title.value, task.value)
+    rows = collect(results_dir.value, task=task.value, modalities=modalities.value,
+                   drop=drop.value)
+    prefix = out_prefix.value or default_out_prefix(results_dir.value, task.value,
+                                                    modalities.value, drop.value)
+    write_summary(rows, prefix, title.value, task.value, modalities.value, drop.value)
     print(f'{len(rows)} finished cells -> {prefix}.csv, .md, .png', flush=True)
 
   app.run(main)
