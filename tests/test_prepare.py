@@ -68,6 +68,7 @@ def test_synthetic_generates_then_converts(tmp_path, monkeypatch):
   assert not calls
 
 
+@pytest.mark.slow
 def test_failed_command_is_an_error_with_its_message():
   with pytest.raises(RuntimeError) as info:
     prepare.run_module(['data_prep.make_synthetic', '--out=', '--num_scenes=1'],
