@@ -17,7 +17,8 @@ checked against these layers, bottom -> top:
 A module imports only its own layer or layers below, with these readings:
 - geometry imports no other nsmae_jax module.
 - The tasks sit below train in this list but may import the task-facing pieces of train
-  (TRAIN_API: the Task interface a task fills in, and checkpointing for the partial restore of a
+  (TRAIN_API: the Task interface a task fills in, the pure steps (eval of a checkpoint), and
+  checkpointing for the partial restore of a
   pre-trained encoder). They never import the loop (nsmae_jax.train, nsmae_jax.train.loop):
   running a task is the entry point's job, so train stays generic and the two never form a loop.
 - A package's __init__ runs whenever any module under it is imported, so it belongs to the
@@ -55,7 +56,7 @@ LAYERS = {
 }
 LAYER_NAMES = ['bottom', 'data', 'models', 'render', 'tasks', 'train', 'viz', 'experiments']
 TASKS = 4
-TRAIN_API = ('nsmae_jax.train.task', 'nsmae_jax.train.checkpointing')
+TRAIN_API = ('nsmae_jax.train.task', 'nsmae_jax.train.checkpointing', 'nsmae_jax.train.steps')
 DATA_PREP_MAY_IMPORT = ('nsmae_jax', 'nsmae_jax.config', 'nsmae_jax.data',
                         'nsmae_jax.data.schema', 'nsmae_jax.data.naming')
 
@@ -289,7 +290,7 @@ def test_checker_flags_each_rule_on_made_up_modules():
       'siblings: neither imports the other',
       'nsmae_jax.pretrain.task imports nsmae_jax.train.loop: layer 4 (tasks) imports layer 5 '
       '(train) above it (a task may import only nsmae_jax.train.task, '
-      'nsmae_jax.train.checkpointing of train)',
+      'nsmae_jax.train.checkpointing, nsmae_jax.train.steps of train)',
       'nsmae_jax.train.loop imports nsmae_jax.pretrain.task: train imports no pretrain/finetune '
       'module (the entry point hands it a task)',
       'nsmae_jax.viz2 imports nsmae_jax.newpart: nsmae_jax.viz2 has no layer: place it in LAYERS',
