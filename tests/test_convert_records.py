@@ -112,6 +112,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_builder_accepts_the_default_config(tmp_path):
   """The converter's default flags make config trainval_64x176_sw1_e32_r0p5; TFDS refused it
   as a custom config named like a listed one."""
