@@ -12,12 +12,10 @@ BEVFusion's per-class IoU (max over thresholds 0.35..0.65) and the mIoU, and wri
 <workdir>/result.json. All logic lives in nsmae_jax.finetune (importable from notebooks).
 """
 
-import json
-import os
-
 from experiments import data
 from experiments import flags as nsflags
 from nsmae_jax import train
+from nsmae_jax.finetune.task import save_result
 from nsmae_jax.finetune import bevseg_task, format_table
 
 
@@ -27,10 +25,7 @@ def finetune(config, workdir):
   evals = {k[len('eval_'):]: v for k, v in result.items() if k.startswith('eval_')}
   if 'miou' in evals:
     print(format_table(evals), flush=True)
-  with open(os.path.join(workdir, 'result.json'), 'w') as f:
-    json.dump(dict(result, init_workdir=config.finetune.init_workdir,
-                   label_fraction=config.finetune.label_fraction,
-                   subset_seed=config.finetune.subset_seed, seed=config.train.seed), f, indent=1)
+  save_result(config, workdir, result)
   return result
 
 

@@ -15,12 +15,10 @@ TensorBoard); BEV pictures of predicted vs true boxes go to <workdir>/images. Th
 go to <workdir>/result.json. All logic lives in nsmae_jax.finetune.det3d.
 """
 
-import json
-import os
-
 from experiments import data
 from experiments import flags as nsflags
 from nsmae_jax import train
+from nsmae_jax.finetune.task import save_result
 from nsmae_jax.finetune.det3d import det3d_eval_batches, det3d_task, format_table
 
 
@@ -36,10 +34,7 @@ def finetune(config, workdir, **loop_kwargs):
   evals = {k[len('eval_'):]: v for k, v in result.items() if k.startswith('eval_')}
   if 'map' in evals:
     print(format_table(evals), flush=True)
-  with open(os.path.join(workdir, 'result.json'), 'w') as f:
-    json.dump(dict(result, init_workdir=config.finetune.init_workdir,
-                   label_fraction=config.finetune.label_fraction,
-                   subset_seed=config.finetune.subset_seed, seed=config.train.seed), f, indent=1)
+  save_result(config, workdir, result)
   return result
 
 

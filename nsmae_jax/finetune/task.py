@@ -166,6 +166,34 @@ def bev_panel(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return np.repeat(gray[..., None], 3, axis=-1)
 
 
+def finetune_task_kwargs(config: Config, workdir: str | None) -> dict[str, Any]:
+  """The Task fields every fine-tuning task shares: restore the pre-trained backbone at step 0
+  (reported), the backbone's learning-rate scale, the labelled subset of the training split."""
+  fc = config.finetune
+
+  def prepare_params(params):
+    params, report = init_from_pretrained(params, fc.init_workdir)
+    print_init_report(report, config, workdir)
+    return params
+
+  def lr_scales(params):
+    """The backbone learns at backbone_lr_scale x the head's rate (0 = frozen)."""
+    return {k: fc.backbone_lr_scale if k == 'backbone' else 1.0 for k in params}
+
+  return dict(prepare_params=prepare_params,
+              lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
+              train_data_kwargs=dict(label_fraction=fc.label_fraction,
+                                     subset_seed=fc.subset_seed))
+
+
+def save_result(config: Config, workdir: str, result: Mapping[str, Any]) -> None:
+  """<workdir>/result.json: the final metrics and what identifies the cell (init, labels, seed)."""
+  fc = config.finetune
+  with open(os.path.join(workdir, 'result.json'), 'w') as f:
+    json.dump(dict(result, init_workdir=fc.init_workdir, label_fraction=fc.label_fraction,
+                   subset_seed=fc.subset_seed, seed=config.train.seed), f, indent=1)
+
+
 def bevseg_task(config: Config, workdir: str | None = None) -> Task:
   """The segmentation Task: BEVSegModel, focal/BCE loss, BEVFusion mIoU, pred-vs-GT images."""
   model = BEVSegModel(config)
@@ -208,19 +236,6 @@ def bevseg_task(config: Config, workdir: str | None = None) -> Task:
     probs = np.asarray(predict(params, ex)[0])  # [X, Y, C]
     return {'bev_pred_vs_gt': bev_panel(np.moveaxis(probs, -1, 0), np.asarray(ex['bev_map'][0]))}
 
-  def prepare_params(params):
-    params, report = init_from_pretrained(params, fc.init_workdir)
-    print_init_report(report, config, workdir)
-    return params
-
-  def lr_scales(params):
-    """The backbone learns at backbone_lr_scale x the head's rate (0 = frozen)."""
-    return {k: fc.backbone_lr_scale if k == 'backbone' else 1.0 for k in params}
-
   return Task(name='bevseg', model=model, init_params=init_params, loss_fn=loss_fn,
               render_images=render_images, eval_summary=eval_summary,
-              prepare_params=prepare_params,
-              lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
-              train_data_kwargs=dict(label_fraction=fc.label_fraction,
-                                     subset_seed=fc.subset_seed),
-              headline=('loss', 'miou'))
+              **finetune_task_kwargs(config, workdir), headline=('loss', 'miou'))

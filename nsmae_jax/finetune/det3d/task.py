@@ -32,7 +32,7 @@ from nsmae_jax.finetune.det3d.decode import decode
 from nsmae_jax.finetune.det3d.head import DetModel, det_cells
 from nsmae_jax.finetune.det3d.targets import center_targets, focal_loss, regression_loss
 from nsmae_jax.finetune.det3d.viz import bev_boxes_image
-from nsmae_jax.finetune.task import eval_inputs, init_from_pretrained, print_init_report
+from nsmae_jax.finetune.task import eval_inputs, finetune_task_kwargs
 from nsmae_jax.train.task import Task
 
 
@@ -89,7 +89,7 @@ def results_from_detections(items: dict, metadata: list[dict], sample_tokens: li
 def det3d_task(config: Config, workdir: str | None = None) -> Task:
   """The detection Task: DetModel, CenterPoint losses, DetectionEval metrics, BEV pictures."""
   model = DetModel(config)
-  fc, dc = config.finetune, config.detection
+  dc = config.detection
   e, r, n = config.data.bev_half_extent, dc.det_resolution, det_cells(config)
   decode_fn = _decoder(config)
   predict = predict_fn(config, model)
@@ -160,22 +160,9 @@ def det3d_task(config: Config, workdir: str | None = None) -> Task:
         np.asarray(dets.boxes[0])[keep], np.asarray(dets.scores[0])[keep],
         np.asarray(dets.labels[0])[keep], e, heatmap=np.asarray(heat[0]))}
 
-  def prepare_params(params):
-    params, report = init_from_pretrained(params, fc.init_workdir)
-    print_init_report(report, config, workdir)
-    return params
-
-  def lr_scales(params):
-    """The backbone learns at backbone_lr_scale x the head's rate (0 = frozen)."""
-    return {k: fc.backbone_lr_scale if k == 'backbone' else 1.0 for k in params}
-
   return Task(name='det3d', model=model, init_params=init_params, loss_fn=loss_fn,
               render_images=render_images, eval_summary=eval_summary,
-              prepare_params=prepare_params,
-              lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
-              train_data_kwargs=dict(label_fraction=fc.label_fraction,
-                                     subset_seed=fc.subset_seed),
-              headline=('loss', 'nds'))
+              **finetune_task_kwargs(config, workdir), headline=('loss', 'nds'))
 
 
 def _decoder(config: Config) -> Callable:
