@@ -292,3 +292,24 @@ def test_shard_index_checks_crcs_and_pickles(fake_config):
   assert [index.check(i) for i in range(len(index))] == [None] * NUM_TRAIN  # TF's CRCs agree
   copy = pickle.loads(pickle.dumps(index))
   assert copy.read(3) == index.read(3) and copy.describe(3) == index.describe(3)
+
+
+def test_fit_keeps_the_nearest_boxes_when_there_are_too_many():
+  from nsmae_jax.data.decode import fit
+  rng = np.random.default_rng(0)
+  k = 9
+  boxes = np.zeros((k, 9), np.float32)
+  boxes[:, 0] = rng.permutation(np.arange(k) * 10.0)  # x = 0, 10, ..., 80 m in shuffled order
+  example = {'points': np.zeros((0, 5), np.float32), 'boxes': boxes,
+             'box_labels': np.arange(k, dtype=np.int32),
+             'images': [np.zeros((2, 3, 3), np.uint8)] * 6, 'intrinsics': np.zeros((6, 3, 3)),
+             'cam2lidar': np.zeros((6, 4, 4)), 'bev_map': np.zeros((6, 2, 2), np.uint8)}
+  out = fit(example, max_points=4, max_boxes=4, rng=rng)
+  assert out['boxes_mask'].all()
+  np.testing.assert_array_equal(np.sort(out['boxes'][:, 0]), [0.0, 10.0, 20.0, 30.0])
+  # Each kept box keeps its own label.
+  for box, label in zip(out['boxes'], out['box_labels']):
+    assert boxes[label, 0] == box[0]
+  short = fit(dict(example, boxes=boxes[:2], box_labels=np.arange(2, dtype=np.int32)),
+              max_points=4, max_boxes=4, rng=rng)
+  np.testing.assert_array_equal(short['boxes_mask'], [True, True, False, False])

@@ -33,7 +33,7 @@ def fit(example: dict[str, Any], max_points: int, max_boxes: int,
   Args:
     example: a record as TFDS' numpy decoding gives it (images a list of 6 uint8 [H, W, 3],
       points [N, 5], boxes [K, 9], box_labels [K], ...).
-    max_points: P; max_boxes: M.
+    max_points: P; max_boxes: M (the M boxes nearest the LiDAR when there are more).
     rng: draws the kept points when N > P.
 
   Returns:
@@ -46,7 +46,12 @@ def fit(example: dict[str, Any], max_points: int, max_boxes: int,
     points = points[np.sort(rng.choice(n, max_points, replace=False))]
   padded = np.zeros((max_points, 5), np.float32)
   padded[:len(points)] = points
-  boxes, labels = example['boxes'][:max_boxes], example['box_labels'][:max_boxes]
+  # When a frame has more than M boxes, the M nearest to the sensor are kept (the far ones are
+  # the first to fall outside the BEV grid and the evaluator's class ranges), not the first M
+  # in annotation order.
+  keep = np.argsort(np.hypot(example['boxes'][:, 0], example['boxes'][:, 1]),
+                    kind='stable')[:max_boxes]
+  boxes, labels = example['boxes'][keep], example['box_labels'][keep]
   out_boxes = np.zeros((max_boxes, 9), np.float32)
   out_boxes[:len(boxes)] = boxes
   out_labels = np.zeros((max_boxes,), np.int32)
