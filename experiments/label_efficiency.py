@@ -317,7 +317,7 @@ def main(argv):
   if not FLAGS['compilation_cache_dir'].present:  # the grid's cells share their own cache
     overrides['compilation_cache_dir'] = os.path.abspath(os.path.join(results_dir, 'xla_cache'))
   config = nsflags.config_from_flags(**overrides)
-  data.enable_compilation_cache(config.train.compilation_cache_dir)
+  data.ensure_data(config)  # generates/converts on first use; turns the compilation cache on
   t0 = time.time()
   rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
                   [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
