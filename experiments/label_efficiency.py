@@ -243,6 +243,8 @@ def _drop_cells(ft_cfg, results_dir: str, cells, task: str, drop: str, out_prefi
       continue
     log(f'== {task} {init} fraction {fraction:g} seed {seed}: evaluating without {drop}')
     t0 = time.time()
+    # The segmentation evaluation writes nothing there: in process, no one else creates it.
+    os.makedirs(os.path.dirname(done), exist_ok=True)
     res = _run_job(f'evaluate:{task}', cfg.replace(drop_modality=drop), os.path.dirname(done),
                    in_process)
     with open(trained) as f:

@@ -187,6 +187,151 @@ def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
                 log=lambda s: None, in_process=True)
 
 
+def test_single_modality_grid_has_its_own_cells_and_report_but_the_joint_pretraining(
+    tmp_path, fake_training):
+  """--modalities=camera: cells ft-camera_... / det3d-camera_... beside the joint ones, restored
+  from the one joint pre-training, reported as <out_prefix>[_det3d]_camera.*."""
+  res, out = str(tmp_path / 'res'), str(tmp_path / 'docs' / 'le')
+  config = tiny_config(str(tmp_path), modalities='camera')
+  kw = dict(tasks=('bevseg', 'det3d'), out_prefix=out, log=lambda s: None, in_process=True)
+  rows = le.run_grid(config, res, [0.05, 1.0], [0], **kw)
+  assert len(rows) == 4 and {'nds', 'map'} <= set(rows[0])
+  # One pre-training, joint although the grid fine-tunes camera-only models.
+  assert len(fake_training['pretrain']) == 1
+  assert fake_training['pretrain'][0].finetune.modalities == report.JOINT
+  with open(os.path.join(le.pretrain_dir(res), 'config.json')) as f:
+    assert json.load(f)['finetune']['modalities'] == report.JOINT
+  ft, det = fake_training['finetune'], fake_training['det3d']
+  assert len(ft) == 4 and len(det) == 4
+  assert {c.finetune.modalities for c in ft + det} == {'camera'}
+  assert {c.finetune.init_workdir for c in ft + det} == {'', le.pretrain_dir(res)}
+  cells = sorted(os.path.basename(c.train.workdir) for c in ft + det)
+  assert cells == sorted([f'{p}-camera_{i}_f{f:g}_s0' for p in ('ft', 'det3d')
+                          for i in ('scratch', 'pretrained') for f in (0.05, 1.0)])
+  assert all(os.path.exists(os.path.join(res, c, 'result.json')) for c in cells)
+  # Neither grid reads the other's cells.
+  assert report.find_cells(res) == [] and report.collect(res, task='det3d') == []
+  assert len(report.find_cells(res, modalities='camera')) == 4
+  for prefix in (out + '_camera', out + '_det3d_camera'):
+    assert os.path.getsize(prefix + '.png') > 1000
+    with open(prefix + '.csv') as f:
+      assert len(list(csv.DictReader(f))) == 4
+  assert not os.path.exists(out + '.csv') and not os.path.exists(out + '_det3d.csv')
+  md = open(out + '_camera.md').read()
+  assert '# Label efficiency (BEV map segmentation mIoU, %; camera only)' in md
+  # fraction 100%: scratch 0.5, pre-trained +10 points (seed 0 only).
+  assert '| 100% | 50.00 +- 0.00 (n=1) | 60.00 +- 0.00 (n=1) | +10.00 | +10.00 |' in md
+  # Re-running skips every finished cell and the pre-training.
+  le.run_grid(config, res, [0.05, 1.0], [0], **kw)
+  assert len(fake_training['pretrain']) == 1 and len(ft) == 4 and len(det) == 4
+  # The joint grid then shares the same pre-training and runs its own cells.
+  le.run_grid(config.replace(modalities=report.JOINT), res, [1.0], [0], out_prefix=out,
+              log=lambda s: None, in_process=True)
+  assert len(fake_training['pretrain']) == 1 and len(ft) == 6
+  assert {os.path.basename(c.train.workdir) for c in ft[4:]} == {
+      report.cell_name('scratch', 1.0, 0), report.cell_name('pretrained', 1.0, 0)}
+  assert len(report.collect(res)) == 2 and len(report.collect(res, modalities='camera')) == 4
+  # Without --out_prefix the report lands in the results directory, also suffixed.
+  le.run_grid(tiny_config(str(tmp_path), modalities='lidar'), res, [1.0], [0],
+              inits=('pretrained',), log=lambda s: None, in_process=True)
+  assert len(fake_training['pretrain']) == 1 and len(ft) == 7
+  assert os.path.basename(ft[-1].train.workdir) == 'ft-lidar_pretrained_f1_s0'
+  assert os.path.exists(os.path.join(res, 'label_efficiency_lidar.md'))
+
+
+@pytest.fixture
+def fake_drop_eval(monkeypatch):
+  """Replaces the sensor-drop evaluation by an instant fake that records (config, workdir,
+  task) and, like the real one for segmentation, writes nothing."""
+  calls = []
+
+  def fake(config, workdir, task):
+    calls.append((config, workdir, task))
+    with open(os.path.join(config.train.workdir, 'result.json')) as f:
+      trained = json.load(f)
+    # Half of the trained cell's headline score.
+    if task == 'det3d':
+      return {'eval_nds': trained['eval_nds'] / 2, 'eval_map': trained['eval_map'] / 2,
+              **{f'eval_ap_{c}': 0.0 for c in DETECTION_CLASSES}}
+    return {'eval_miou': trained['eval_miou'] / 2, **{f'eval_iou/{c}': 0.0 for c in MAP_CLASSES}}
+
+  monkeypatch.setattr(le, 'evaluate_dropped', fake)
+  return calls
+
+
+def test_drop_modality_evaluates_each_finished_joint_cell_once(tmp_path, fake_training,
+                                                                fake_drop_eval):
+  from nsmae_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  res, out = str(tmp_path / 'res'), str(tmp_path / 'docs' / 'le')
+  config = tiny_config(str(tmp_path))
+  kw = dict(tasks=('bevseg', 'det3d'), finetune_steps=7, out_prefix=out, in_process=True)
+  le.run_grid(config, res, [1.0], [0, 1], log=lambda s: None, **kw)
+  assert len(fake_training['finetune']) == 4 and len(fake_training['det3d']) == 4
+  # The drop grid also names fraction 0.05, whose cells are not fine-tuned yet.
+  logs = []
+  drop_cfg = config.replace(drop_modality='lidar')
+  rows = le.run_grid(drop_cfg, res, [0.05, 1.0], [0, 1], log=logs.append, **kw)
+  # Nothing trains: no pre-training, no fine-tuning; every finished cell is evaluated once.
+  assert len(fake_training['pretrain']) == 1
+  assert len(fake_training['finetune']) == 4 and len(fake_training['det3d']) == 4
+  assert len(fake_drop_eval) == 8
+  finished = [(i, 1.0, s) for s in (0, 1) for i in ('scratch', 'pretrained')]
+  for cfg, workdir, task in fake_drop_eval:
+    assert cfg.finetune.drop_modality == 'lidar' and cfg.finetune.modalities == report.JOINT
+    assert cfg.train.num_train_steps == 7  # the cell's own settings
+    assert workdir == os.path.join(cfg.train.workdir, 'drop_lidar')
+  assert sorted(os.path.basename(c.train.workdir) for c, _, _ in fake_drop_eval) == sorted(
+      report.cell_name(*c, task) for c in finished for task in ('bevseg', 'det3d'))
+  for task in ('bevseg', 'det3d'):
+    for cell in finished:
+      wd = os.path.join(res, report.cell_name(*cell, task))
+      with open(report.result_path(wd, 'lidar')) as f:
+        r = json.load(f)
+      with open(report.result_path(wd)) as f:
+        trained = json.load(f)
+      assert r['drop_modality'] == 'lidar' and r['steps'] == 7
+      assert r['wall_s'] == trained['wall_s']  # the training's, so the row reads like any
+      headline = 'eval_nds' if task == 'det3d' else 'eval_miou'
+      assert r[headline] == pytest.approx(trained[headline] / 2)
+    for init in ('scratch', 'pretrained'):
+      assert not os.path.exists(os.path.join(res, report.cell_name(init, 0.05, 0, task)))
+      assert (f'== {task} {init} fraction 0.05 seed 0: not fine-tuned yet '
+              f'({os.path.join(res, report.cell_name(init, 0.05, 0, task))}); '
+              'no lidar-drop evaluation') in logs
+  assert sum('evaluating without lidar' in s for s in logs) == 8
+  # Reports: <out_prefix>[_det3d]_drop_lidar.*, one row per finished cell; the joint ones stay.
+  assert len(rows) == 4 and {(r['init'], r['fraction'], r['seed']) for r in rows} == set(
+      finished)
+  assert {r['nds'] for r in rows} == {r['nds'] / 2 for r in report.collect(res, task='det3d')}
+  for prefix in (out + '_drop_lidar', out + '_det3d_drop_lidar'):
+    with open(prefix + '.csv') as f:
+      table = list(csv.DictReader(f))
+    assert [(r['init'], r['fraction'], r['seed']) for r in table] == [
+        (i, '1.0', str(s)) for i, _, s in finished]
+    assert os.path.getsize(prefix + '.png') > 1000
+  md = open(out + '_drop_lidar.md').read()
+  assert '# Label efficiency (BEV map segmentation mIoU, %; joint model, lidar removed at ' \
+         'eval)' in md
+  # scratch 0.5 + {0, .01} halved -> 25.25 %; pre-trained +5 points.
+  assert '| 100% | 25.25 +- 0.35 (n=2) | 30.25 +- 0.35 (n=2) | +5.00 | +5.00, +5.00 |' in md
+  with open(out + '.csv') as f:
+    assert len(list(csv.DictReader(f))) == 2 * 1 * 2  # the joint report still has its cells
+  # A second invocation evaluates nothing again and leaves the results as they were.
+  paths = [report.result_path(os.path.join(res, report.cell_name(*c, t)), 'lidar')
+           for c in finished for t in ('bevseg', 'det3d')]
+  mtimes = [os.stat(p).st_mtime_ns for p in paths]
+  logs.clear()
+  le.run_grid(drop_cfg, res, [0.05, 1.0], [0, 1], log=logs.append, **kw)
+  assert len(fake_drop_eval) == 8 and [os.stat(p).st_mtime_ns for p in paths] == mtimes
+  assert not any('evaluating without' in s for s in logs)
+  # A single-modality grid has no sensor to remove: refused before anything runs.
+  with pytest.raises(ConfigError, match='--drop_modality: .*--modalities=camera'):
+    le.run_grid(drop_cfg.replace(modalities='camera'), res, [1.0], [0], log=lambda s: None,
+                in_process=True)
+  assert len(fake_drop_eval) == 8 and len(fake_training['pretrain']) == 1
+  assert len(fake_training['finetune']) == 4
+
+
 def _results_dir_from_csv(csv_path: str, results_dir: str) -> None:
   """The result.json files that a grid with the rows of `csv_path` leaves in `results_dir`."""
   with open(csv_path) as f:
