@@ -15,8 +15,10 @@ row per cell), <out_prefix>.md (mean +- std over seeds per fraction, and the gai
 <out_prefix>.png (mIoU, or NDS and mAP, vs label fraction with the seed spread); detection writes
 <out_prefix>_det3d.*. That module also rewrites a report alone from a results dir.
 
-Ablations (--ablations=no_bev,no_perspective,no_depth,no_color,no_mask) pre-train once more
-with that view / loss / masking switched off and fine-tune at --ablation_fraction for every seed.
+Ablations (--ablations=no_bev,no_mask,masked_only,lidar_mask_50,...; the list is ABLATIONS
+below) pre-train once more with one part of the pretext changed (a view, a loss, the masking,
+the masked-content weighting, a mask ratio, the colour:depth balance), in
+<results_dir>/pretrain_<ablation>, and fine-tune at every --ablation_fractions for every seed.
 
 Single-modality transfer: --modalities=camera (or lidar) runs the same grid with camera-only
 (LiDAR-only) models restored from the same joint pre-training (which always stays joint), in
@@ -60,30 +62,56 @@ _INITS = flags.DEFINE_list('inits', ['scratch', 'pretrained'], 'Which initialisa
 _TASKS = flags.DEFINE_list('tasks', ['bevseg'], 'Downstream tasks whose grids run (sharing the '
                            'pre-training): ' + ', '.join(report.TASKS) + '.')
 _ABLATIONS = flags.DEFINE_list('ablations', [], 'Pre-training ablations to fine-tune at '
-                               '--ablation_fraction: ' + ', '.join(
-                                   ['no_bev', 'no_perspective', 'no_depth', 'no_color',
-                                    'no_mask']))
-_ABLATION_FRACTION = flags.DEFINE_float('ablation_fraction', 0.05,
-                                        'The label fraction of the ablation cells.')
+                               '--ablation_fractions (see ABLATIONS in this module).')
+_ABLATION_FRACTIONS = flags.DEFINE_list('ablation_fractions', ['0.05'],
+                                        'The label fractions of the ablation cells.')
 _RUN_CELL = flags.DEFINE_string('run_cell', '', 'Internal: run the one job described by this '
                                 'JSON file (a fresh process per cell) and exit.')
 
-# Config overrides that switch one part of pre-training off.
+# One change to the pre-training config per ablation: a dict of overrides, or a function of
+# the grid's config for changes relative to it. Names hold no '-' (cell directories use it).
 ABLATIONS = {
+    # Which views and losses carry the gain.
     'no_bev': dict(bev_color_weight=0.0, bev_depth_weight=0.0),
     'no_perspective': dict(perspective_color_weight=0.0, perspective_depth_weight=0.0),
     'no_depth': dict(bev_depth_weight=0.0, perspective_depth_weight=0.0),
     'no_color': dict(bev_color_weight=0.0, perspective_color_weight=0.0),
+    # Masking, and what the loss scores.
     'no_mask': dict(image_mask_ratio=0.0, lidar_mask_ratio=0.0),
+    'masked_only': dict(masked_loss='masked'),
+    'masked_weighted': dict(masked_loss='weighted'),
+    'all_targets': dict(masked_loss='all'),
+    'lidar_mask_50': dict(lidar_mask_ratio=0.5),
+    'lidar_mask_70': dict(lidar_mask_ratio=0.7),
+    'lidar_mask_90': dict(lidar_mask_ratio=0.9),
+    'image_mask_25': dict(image_mask_ratio=0.25),
+    'image_mask_75': dict(image_mask_ratio=0.75),
+    # The colour:depth balance, x10 either way (both views' depth weights scaled).
+    'depth_x0p1': lambda c: dict(bev_depth_weight=c.loss.bev_depth_weight * 0.1,
+                                 perspective_depth_weight=c.loss.perspective_depth_weight * 0.1),
+    'depth_x10': lambda c: dict(bev_depth_weight=c.loss.bev_depth_weight * 10.0,
+                                perspective_depth_weight=c.loss.perspective_depth_weight * 10.0),
 }
 
 
+def ablation_overrides(name: str, config) -> dict:
+  """The config overrides of ablation `name` ('' = none) applied to `config`."""
+  if not name:
+    return {}
+  if name not in ABLATIONS:
+    raise ValueError(f'--ablations: unknown ablation {name!r}; known: {sorted(ABLATIONS)}')
+  change = ABLATIONS[name]
+  return change(config) if callable(change) else dict(change)
+
+
 def plan(fractions, seeds, inits=('scratch', 'pretrained'), ablations=(),
-         ablation_fraction=0.05) -> list[tuple[str, float, int]]:
+         ablation_fractions=(0.05,)) -> list[tuple[str, float, int]]:
   """(init, fraction, seed) of every cell, seed-major so a partial grid has whole seeds; init
-  is 'scratch', 'pretrained' or 'pretrained:<ablation>'."""
+  is 'scratch', 'pretrained' or 'pretrained:<ablation>' (ablation cells last, one ablation
+  after the other)."""
   cells = [(init, f, s) for s in seeds for f in fractions for init in inits]
-  cells += [(f'pretrained:{a}', ablation_fraction, s) for a in ablations for s in seeds]
+  cells += [(f'pretrained:{a}', f, s) for a in ablations for s in seeds
+            for f in ablation_fractions]
   return cells
 
 
@@ -167,7 +195,7 @@ def _run_cell_main(path: str) -> None:
 
 
 def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'pretrained'),
-             ablations=(), ablation_fraction=0.05, pretrain_steps=0, finetune_steps=0,
+             ablations=(), ablation_fractions=(0.05,), pretrain_steps=0, finetune_steps=0,
              finetune_learning_rate=0.0, out_prefix='', tasks=('bevseg',), log=print,
              in_process: bool = False) -> list[dict]:
   """Runs every unfinished cell of the grid (pre-training first, then each task's cells);
@@ -176,10 +204,9 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   Each job runs in a fresh Python process unless in_process (tests with fake training).
   `out_prefix` names the segmentation report; detection's gets the suffix `_det3d`.
   """
-  cells = plan(fractions, seeds, inits, ablations, ablation_fraction)
+  cells = plan(fractions, seeds, inits, ablations, ablation_fractions)
   for ab in ablations:
-    if ab not in ABLATIONS:
-      raise ValueError(f'--ablations: unknown ablation {ab!r}; known: {sorted(ABLATIONS)}')
+    ablation_overrides(ab, config)  # an unknown name fails before anything runs
   for task in tasks:
     if task not in report.TASKS:
       raise ValueError(f'--tasks: unknown task {task!r}; known: {sorted(report.TASKS)}')
@@ -192,7 +219,7 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
                            modalities=report.JOINT, drop_modality='')
   for ab in ([] if drop else [''] * any(i != 'scratch' for i in inits) + list(ablations)):
     wd = pretrain_dir(results_dir, ab)
-    cfg = pre_cfg.replace(workdir=wd, **ABLATIONS.get(ab, {}))
+    cfg = pre_cfg.replace(workdir=wd, **ablation_overrides(ab, pre_cfg))
     check_same_settings(wd, cfg)
     if os.path.exists(os.path.join(wd, 'done.json')):
       continue
@@ -323,7 +350,8 @@ def main(argv):
   t0 = time.time()
   rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
                   [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
-                  ablations=tuple(_ABLATIONS.value), ablation_fraction=_ABLATION_FRACTION.value,
+                  ablations=tuple(_ABLATIONS.value),
+                  ablation_fractions=[float(f) for f in _ABLATION_FRACTIONS.value],
                   pretrain_steps=_PRETRAIN_STEPS.value, finetune_steps=_FINETUNE_STEPS.value,
                   finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value,
                   tasks=tuple(_TASKS.value))

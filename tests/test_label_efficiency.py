@@ -21,7 +21,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_plan_is_seed_major_with_ablations_last():
-  cells = le.plan([0.01, 1.0], [0, 1], ablations=['no_mask'], ablation_fraction=0.05)
+  cells = le.plan([0.01, 1.0], [0, 1], ablations=['no_mask'], ablation_fractions=(0.05,))
   assert cells[:4] == [('scratch', 0.01, 0), ('pretrained', 0.01, 0), ('scratch', 1.0, 0),
                        ('pretrained', 1.0, 0)]
   assert cells[4][2] == 1 and len(cells) == 8 + 2
@@ -173,7 +173,7 @@ def test_resuming_with_other_settings_names_the_cell_and_flag(tmp_path, fake_tra
 def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
   config = tiny_config(str(tmp_path))
   le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], inits=('pretrained',),
-              ablations=('no_mask', 'no_bev'), ablation_fraction=0.05, log=lambda s: None,
+              ablations=('no_mask', 'no_bev'), ablation_fractions=(0.05,), log=lambda s: None,
               in_process=True)
   pre = fake_training['pretrain']
   assert len(pre) == 3
@@ -185,6 +185,27 @@ def test_ablation_cells_pretrain_with_the_switch_off(tmp_path, fake_training):
   with pytest.raises(ValueError, match='--ablations: unknown ablation'):
     le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], ablations=('no_lidar',),
                 log=lambda s: None, in_process=True)
+
+
+def test_relative_ablations_and_several_ablation_fractions(tmp_path, fake_training):
+  """depth_x10 scales the grid's own depth weights; masked_only and a mask ratio set one field;
+  every ablation is fine-tuned at each --ablation_fractions."""
+  config = tiny_config(str(tmp_path), bev_depth_weight=0.2, perspective_depth_weight=0.05)
+  le.run_grid(config, str(tmp_path / 'res'), [1.0], [0], inits=('scratch',),
+              ablations=('depth_x10', 'masked_only', 'lidar_mask_50'),
+              ablation_fractions=(0.05, 0.1), log=lambda s: None, in_process=True)
+  depth, masked, lidar = fake_training['pretrain']
+  assert depth.loss.bev_depth_weight == pytest.approx(2.0)
+  assert depth.loss.perspective_depth_weight == pytest.approx(0.5)
+  assert depth.loss.bev_color_weight == config.loss.bev_color_weight
+  assert masked.loss.masked_loss == 'masked' and masked.model == config.model
+  assert lidar.model.lidar_mask_ratio == 0.5
+  assert lidar.model.image_mask_ratio == config.model.image_mask_ratio
+  cells = sorted((os.path.basename(c.finetune.init_workdir), c.finetune.label_fraction)
+                 for c in fake_training['finetune'] if c.finetune.init_workdir)
+  assert cells == [(f'pretrain_{a}', f) for a in ('depth_x10', 'lidar_mask_50', 'masked_only')
+                   for f in (0.05, 0.1)]
+  assert all('-' not in name for name in le.ABLATIONS)
 
 
 def test_single_modality_grid_has_its_own_cells_and_report_but_the_joint_pretraining(
@@ -362,7 +383,7 @@ def test_report_alone_reproduces_the_committed_cpu_report(tmp_path):
 
 def test_find_cells_orders_like_the_plan_with_ablations_last(tmp_path):
   cells = le.plan([0.01, 0.1, 1.0], [0, 1], ablations=['no_mask', 'no_bev'],
-                  ablation_fraction=0.05)
+                  ablation_fractions=(0.05,))
   for cell in reversed(cells):
     os.makedirs(tmp_path / report.cell_name(*cell))
   (tmp_path / 'ft_notes.txt').write_text('not a cell')
