@@ -1,13 +1,22 @@
-r"""Speed of the NS-MAE pre-training step, the renderer and the input pipeline.
+r"""Speed of the NS-MAE pre-training step, its parts, the renderer and the input pipeline.
 
-  python -m experiments.benchmark --flagfile=experiments/configs/demo.flags --json_out=FILE
+  python -m experiments.benchmark --flagfile=experiments/configs/demo.flags --json_out=FILE \
+      [--bench_parts=false] [--bench_scaling=false]
 
-Prints a table and writes a JSON object: train_step_seconds, model_gflops_per_step (XLA cost
-analysis of the compiled step), achieved_gflops, matmul_peak_gflops (f32 2048^3 matmul measured
-in this run), mfu, renderer_rays_per_second, renderer_floor_ratio (renderer time / its
-memory-bound floor), memory_bandwidth_gbps (measured in this run), train_samples_per_second,
-pipeline_examples_per_second (null when the dataset is not converted yet), peak_rss_gb,
-scaling (times at three ray and point counts), param_counts (every named model size).
+Prints tables and writes a JSON object: train_step_seconds (the training loop's step:
+steps.train_step with make_optimizer's clip + AdamW, state donated, on one device),
+model_gflops_per_step (XLA cost analysis of the compiled step), achieved_gflops,
+matmul_peak_gflops (f32 2048^3 matmul measured in this run), mfu, compile_seconds (lower + XLA
+compile of the step, cold: the persistent compilation cache is turned off here;
+compile_lower_seconds, compile_xla_seconds, compile_cache_used), renderer_rays_per_second,
+renderer_floor_ratio (renderer time / its memory-bound floor), memory_bandwidth_gbps (measured
+in this run), train_samples_per_second, pipeline_examples_per_second (null when the dataset is
+not converted yet), peak_rss_gb, param_counts (every named model size);
+parts ({part: seconds, gflops, gflops_per_second, share of the step}: each part of PARTS jitted
+alone, forward + backward on the inputs the model produces up to it) with parts_sum_seconds and
+parts_remainder_seconds (step - sum: what XLA gains or loses by fusing across the seams);
+scaling (seconds at three ray counts, point counts and per-device batch sizes) and
+scaling_per_unit (the same per ray / point / example: constant = linear).
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write the results as JSON to th
 _STEPS = flags.DEFINE_integer('bench_steps', 5, 'Timed train steps (after one warm-up step).')
 _PIPELINE_BATCHES = flags.DEFINE_integer('bench_pipeline_batches', 20,
                                          'Batches timed from the input pipeline.')
+_PARTS = flags.DEFINE_bool('bench_parts', True, 'Time the train step part by part (parts in '
+                           'the JSON): each part compiled and timed on its own.')
+_SCALING = flags.DEFINE_bool('bench_scaling', True, 'Time the renderer, the LiDAR encoder and '
+                             'the train step at three ray counts, point counts and batch sizes.')
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -61,46 +74,200 @@ def memory_bandwidth_gbps() -> float:
   return x.nbytes / _timed(jax.jit(jnp.sum), x) / 1e9
 
 
-def bench_train_step(config, steps: int) -> dict:
-  """Times a jitted forward/backward + AdamW update of one per-device batch."""
-  import jax, jax.numpy as jnp, optax  # pylint: disable=import-outside-toplevel,multiple-imports
+def _compile_cache_used() -> bool:
+  """Whether the persistent compilation cache could serve a compile in this process."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
+def _train_setup(config):
+  """(task, the demo's jitted train step on one device, its TrainState, a fake batch)."""
+  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
   from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data.fake import fake_batch  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.train import loop, sharding  # pylint: disable=import-outside-toplevel
   task = pretrain.pretrain_task(config)
-  model = task.model
+  # The step the training loop runs (steps.train_step: per-example vmap, pmean, grad norm,
+  # make_optimizer's clip + AdamW; the state donated), on a one-device mesh.
+  wrapper = sharding.Jit(task.loss_fn, devices=jax.devices()[:1])
+  state = loop.create_train_state(config, task, jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, fake_batch(config, config.train.per_device_batch_size))
+  return task, wrapper.train, state, batch
+
+
+def bench_train_step(config, steps: int) -> dict:
+  """Times the demo's train step (forward/backward + clipped AdamW update, state donated) on
+  one per-device batch. compile_seconds: lower + XLA compile of the step, cold unless
+  compile_cache_used (the persistent compilation cache is on in this process)."""
+  import jax  # pylint: disable=import-outside-toplevel
   bs = config.train.per_device_batch_size
-  batch = jax.tree.map(jnp.asarray, fake_batch(config, bs))
   t = time.perf_counter()
-  params = jax.jit(task.init_params)(jax.random.key(0), batch)
+  _, train, state, batch = _train_setup(config)
+  jax.block_until_ready(state)
   init_s = time.perf_counter() - t
-  tx = optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay)
-  opt_state = tx.init(params)
-
-  def step(params, opt_state, batch, rng):
-    (loss, _), grads = jax.value_and_grad(
-        lambda p: pretrain.pretrain_loss(model, p, batch, rng), has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  rng = jax.random.key(0)
   t = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch,
-                                                         jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t
+  lowered = train.lower(state, batch, rng)
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  xla_s = time.perf_counter() - t
   flops = _flops(compiled)
-  params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(0))
-  jax.block_until_ready(loss)
+  count = sum(x.size for x in jax.tree.leaves(state.params))
+  state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready(metrics)
   times = []
-  for i in range(steps):
+  for _ in range(steps):
     t = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i + 1))
-    jax.block_until_ready(loss)
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   sec = statistics.median(times)
-  count = sum(x.size for x in jax.tree.leaves(params))
   return dict(train_step_seconds=sec, model_gflops_per_step=flops / 1e9,
               achieved_gflops=flops / sec / 1e9, train_samples_per_second=bs / sec,
-              init_seconds=init_s, compile_seconds=compile_s, param_count=int(count),
-              loss=float(loss))
+              init_seconds=init_s, compile_seconds=lower_s + xla_s,
+              compile_lower_seconds=lower_s, compile_xla_seconds=xla_s,
+              compile_cache_used=_compile_cache_used(), param_count=int(count),
+              loss=float(metrics['loss']))
+
+
+def bench_batch_scaling(config, batch_sizes, steps: int, known: dict | None = None) -> dict:
+  """{per-device batch size: train step seconds}; sizes in `known` ({size: seconds}, e.g. the
+  headline step's) are not timed again."""
+  known = known or {}
+  return {b: known[b] if b in known else bench_train_step(
+      config.replace(per_device_batch_size=b), steps)['train_step_seconds'] for b in batch_sizes}
+
+
+# The parts of the train step, in order: (key, what it covers).
+PARTS = (
+    ('lidar', 'LiDAR: pillar scatter + PFN + BEV canvas convs'),
+    ('camera', 'camera: ViT image encoder (patchify, blocks)'),
+    ('lifting', 'lifting: camera->LiDAR projection + gathers'),
+    ('fusion', 'fusion: 3D volume + BEV map convs'),
+    ('rays', 'rays + targets (forward only, no params)'),
+    ('renderer', 'renderer: bev decoder, sampling, field MLP, compositing'),
+    ('loss', 'loss: weights of hidden targets, L2/L1 terms'),
+    ('optimizer', 'optimizer: grad norm, clip, AdamW, apply'),
+)
+
+
+def _with(tree: dict, path: tuple, sub):
+  """`tree` with the subtree at `path` replaced by `sub` (copies along the path only)."""
+  if not path:
+    return sub
+  out = dict(tree)
+  out[path[0]] = _with(tree[path[0]], path[1:], sub)
+  return out
+
+
+def _fwd_bwd(fn):
+  """fn(diff, const) -> (out, aux) => jitted (diff, const) -> (out, aux, d out / d diff) under a
+  ones cotangent: the part's forward and its backward pass, as inside the step."""
+  import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
+
+  def run(diff, const):
+    out, vjp, aux = jax.vjp(lambda d: fn(d, const), diff, has_aux=True)
+    return out, aux, vjp(jax.tree.map(jnp.ones_like, out))[0]
+  return jax.jit(run)
+
+
+def part_programs(config) -> tuple[dict, dict]:
+  """The train step cut at its module seams: ({part: jitted fn}, {part: its args}), each part
+  fed realistic inputs (the outputs of running the model up to it on a fake batch, with the
+  step's masking and jitter) and run forward + backward (w.r.t. its params and the activations
+  the step back-propagates into), except `rays` (forward only) and `optimizer` (the update)."""
+  import jax, jax.numpy as jnp, optax  # pylint: disable=import-outside-toplevel,multiple-imports
+  from nsmae_jax.pretrain import losses, targets  # pylint: disable=import-outside-toplevel
+  task, _, state, batch = _train_setup(config)
+  model, params, f32 = task.model, state.params, jnp.float32
+  k_mask, k_rays, k_render = jax.random.split(jax.random.key(1), 3)
+
+  def app(p, *args, method, rngs=None):
+    return model.apply({'params': p}, *args, method=method, rngs=rngs)
+
+  def lidar(d, c):
+    return app(_with(c['params'], ('backbone', 'lidar'), d), c['points'], c['points_mask'],
+               rngs={'mask': c['key']},
+               method=lambda m, x, y: m.backbone.lidar(x.astype(f32), y, True))
+
+  def camera(d, c):
+    return app(_with(c['params'], ('backbone', 'camera'), d), c['images'],
+               rngs={'mask': c['key']},
+               method=lambda m, x: m.backbone.camera(x.astype(f32), True))
+
+  def lifting(d, c):
+    p, feats = d
+    return app(_with(c['params'], ('backbone', 'lifting'), p), feats, c['intrinsics'],
+               c['cam2lidar'], method=lambda m, *a: m.backbone.lifting(*a)), None
+
+  def fusion(d, c):
+    p, lidar_bev, cam_vol = d
+    return app(_with(c['params'], ('backbone', 'fusion'), p), lidar_bev, cam_vol,
+               method=lambda m, *a: m.backbone.fusion(*a)), None
+
+  def render_all(m, feats, rays, key):  # as NSMAE.__call__ after encode
+    volumes = m.view_volumes(feats)
+    keys = jax.random.split(key, len(rays))
+    return {name: m.render(volumes[name], r['origins'], r['dirs'], r['near'], k)
+            for (name, r), k in zip(sorted(rays.items()), keys)}
+
+  def renderer(d, c):
+    p, volume, bev = d
+    out = app(dict(c['params'], **p), {'volume': volume, 'bev': bev}, c['rays'], c['key'],
+              method=render_all)
+    return {v: (o['color'], o['depth']) for v, o in out.items()}, out
+
+  def loss(d, c):
+    rendered = {v: dict(c['rendered'][v], color=d[v][0], depth=d[v][1]) for v in d}
+    scored = losses._scored(config, c['rays'], c['feats'], rendered,  # pylint: disable=protected-access
+                            config.loss.masked_loss)
+    return losses.weighted_loss(config, scored)
+
+  def optimizer(st, grads):
+    return st.apply_gradients(grads=grads), optax.tree.norm(grads)
+
+  fns = {name: _fwd_bwd(f) for name, f in
+         (('lidar', lidar), ('camera', camera), ('lifting', lifting), ('fusion', fusion),
+          ('renderer', renderer), ('loss', loss))}
+  fns['rays'] = jax.jit(lambda b, k: targets.draw_rays(config, k, b))
+  fns['optimizer'] = jax.jit(optimizer)
+
+  bb = params['backbone']
+  args = {'lidar': (bb['lidar'], dict(params=params, points=batch['points'],
+                                      points_mask=batch['points_mask'], key=k_mask)),
+          'camera': (bb['camera'], dict(params=params, images=batch['images'], key=k_mask))}
+  lidar_bev, dropped, _ = fns['lidar'](*args['lidar'])
+  feats, image_mask, _ = fns['camera'](*args['camera'])
+  args['lifting'] = ((bb['lifting'], feats), dict(params=params, intrinsics=batch['intrinsics'],
+                                                  cam2lidar=batch['cam2lidar']))
+  cam_vol, _, _ = fns['lifting'](*args['lifting'])
+  args['fusion'] = ((bb['fusion'], lidar_bev, cam_vol), dict(params=params))
+  (volume, bev), _, _ = fns['fusion'](*args['fusion'])
+  args['rays'] = (batch, k_rays)
+  rays = fns['rays'](*args['rays'])
+  head = {k: v for k, v in params.items() if k != 'backbone'}
+  args['renderer'] = ((head, volume, bev), dict(params=params, rays=rays, key=k_render))
+  colour_depth, rendered, _ = fns['renderer'](*args['renderer'])
+  # The encoder's masks, as the loss sees them (drawn by the lidar and camera parts above).
+  feats_masks = {'image_mask': image_mask, 'lidar_block_mask': dropped}
+  args['loss'] = (colour_depth, dict(rays=rays, feats=feats_masks, rendered=rendered))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  args['optimizer'] = (state, grads)
+  return fns, args
+
+
+def bench_parts(config, step_seconds: float, repeats: int = 5) -> dict:
+  """{part: dict(seconds, gflops, gflops_per_second, share)} over PARTS (see part_programs);
+  share = seconds / step_seconds. FLOPs from XLA's cost analysis of each part's program."""
+  fns, args = part_programs(config)
+  out = {}
+  for name, _ in PARTS:
+    flops = _flops(fns[name].lower(*args[name]).compile())
+    sec = _timed(fns[name], *args[name], repeats=repeats)
+    out[name] = dict(seconds=sec, gflops=flops / 1e9, gflops_per_second=flops / sec / 1e9,
+                     share=sec / step_seconds)
+  return out
 
 
 def bench_renderer(config, ray_counts) -> dict:
@@ -202,44 +369,105 @@ def param_counts(config) -> dict:
   return out
 
 
-def main(argv):
-  del argv
-  config = nsflags.config_from_flags()
-  results = {}
-  peak = matmul_peak_gflops()
-  bandwidth = memory_bandwidth_gbps()
-  results.update(matmul_peak_gflops=peak, memory_bandwidth_gbps=bandwidth)
-  results.update(bench_train_step(config, _STEPS.value))
-  results['mfu'] = results['achieved_gflops'] / peak
+def _scaling(config, steps: int, with_sizes: bool, step_seconds: float | None = None
+             ) -> tuple[dict, dict, dict]:
+  """(headline renderer figures, scaling {series: {size: seconds}}, per-unit {series: {size:
+  seconds per ray / point / example}}); without with_sizes only the renderer's largest size.
+  step_seconds: the train step's time at the config's batch size, if already measured."""
   r0 = config.render.perspective_rays + config.render.bev_rays
-  ray_counts = [r0, 2 * r0, 4 * r0]
+  ray_counts = [r0, 2 * r0, 4 * r0] if with_sizes else [4 * r0]
   rtimes = bench_renderer(config, ray_counts)
-  results['renderer_rays_per_second'] = ray_counts[-1] / rtimes[ray_counts[-1]]
-  floor_s = renderer_floor_bytes(config, ray_counts[-1]) / (bandwidth * 1e9)
-  results['renderer_floor_seconds'] = floor_s
-  results['renderer_floor_ratio'] = rtimes[ray_counts[-1]] / floor_s
-  p0 = config.data.max_points
-  ptimes = bench_lidar(config, [p0 // 4, p0 // 2, p0])
-  results['scaling'] = {'renderer_seconds_by_rays': rtimes, 'lidar_seconds_by_points': ptimes}
-  results['pipeline_examples_per_second'] = bench_pipeline(config, _PIPELINE_BATCHES.value)
-  results['param_counts'] = param_counts(config)
-  results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-  import jax  # pylint: disable=import-outside-toplevel
-  results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
+  head = {'renderer_rays_per_second': ray_counts[-1] / rtimes[ray_counts[-1]],
+          '_renderer_seconds': rtimes[ray_counts[-1]], '_renderer_rays': ray_counts[-1]}
+  if not with_sizes:
+    return head, {}, {}
+  p0, b0 = config.data.max_points, config.train.per_device_batch_size
+  scaling = {'renderer_seconds_by_rays': rtimes,
+             'lidar_seconds_by_points': bench_lidar(config, [p0 // 4, p0 // 2, p0]),
+             'train_step_seconds_by_batch': bench_batch_scaling(
+                 config, [b0, 2 * b0, 4 * b0], steps,
+                 known={b0: step_seconds} if step_seconds else None)}
+  units = {'renderer_seconds_by_rays': 'renderer_seconds_per_ray',
+           'lidar_seconds_by_points': 'lidar_seconds_per_point',
+           'train_step_seconds_by_batch': 'train_step_seconds_per_example'}
+  per_unit = {units[k]: {n: s / n for n, s in v.items()} for k, v in scaling.items()}
+  return head, scaling, per_unit
 
+
+def print_report(results: dict) -> None:
+  """The results as tables on stdout."""
   rows = [(k, v) for k, v in results.items() if not isinstance(v, dict)]
   width = max(len(k) for k, _ in rows)
   for k, v in rows:
     print(f'{k:<{width}}  {v:.4g}' if isinstance(v, float) else f'{k:<{width}}  {v}')
-  for name, series in results['scaling'].items():
-    print(f'{name:<{width}}  ' + ', '.join(f'{n}: {s * 1e3:.1f} ms' for n, s in series.items()))
+  parts = results.get('parts') or {}
+  if parts:
+    what = dict(PARTS)
+    step = results['train_step_seconds']
+    print(f'\ntrain step by part (forward + backward; {step * 1e3:.1f} ms, '
+          f'{results["model_gflops_per_step"]:.3g} GFLOP per step)')
+    print(f'{"part":<58} {"ms":>8} {"GFLOP":>8} {"GFLOP/s":>8} {"share":>6}')
+    for name, r in parts.items():
+      print(f'{what.get(name, name):<58} {r["seconds"] * 1e3:8.2f} {r["gflops"]:8.3f} '
+            f'{r["gflops_per_second"]:8.2f} {r["share"]:6.1%}')
+    rest = results['parts_remainder_seconds']
+    print(f'{"other (fusion by XLA across parts, etc.; < 0: parts cost more alone)":<58} '
+          f'{rest * 1e3:8.2f} {"":>8} {"":>8} {rest / step:6.1%}')
+  if results.get('scaling'):
+    print('\nscaling (seconds per unit relative to the smallest size: 1.0 = linear)')
+    for (name, series), per in zip(results['scaling'].items(),
+                                   results['scaling_per_unit'].items()):
+      base = next(iter(per[1].values()))
+      print(f'{name:<30} ' + ', '.join(
+          f'{n}: {s * 1e3:.1f} ms ({per[1][n] * 1e6:.3g} us/unit, x{per[1][n] / base:.2f})'
+          for n, s in series.items()))
   for name, counts in results['param_counts'].items():
     print(f'params[{name}]'.ljust(width) + '  ' + ', '.join(f'{g}={n:,}' for g, n in
                                                             counts.items()))
+
+
+def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
+                   pipeline_batches: int = 20) -> dict:
+  """Every figure of the module docstring for `config`, as the JSON holds them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  results = {}
+  peak = matmul_peak_gflops()
+  bandwidth = memory_bandwidth_gbps()
+  results.update(matmul_peak_gflops=peak, memory_bandwidth_gbps=bandwidth)
+  results.update(bench_train_step(config, steps))
+  results['mfu'] = results['achieved_gflops'] / peak
+  if parts:
+    results['parts'] = bench_parts(config, results['train_step_seconds'])
+    results['parts_sum_seconds'] = sum(r['seconds'] for r in results['parts'].values())
+    results['parts_remainder_seconds'] = (results['train_step_seconds']
+                                          - results['parts_sum_seconds'])
+  head, series, per_unit = _scaling(config, steps, scaling, results['train_step_seconds'])
+  results['renderer_rays_per_second'] = head['renderer_rays_per_second']
+  floor_s = renderer_floor_bytes(config, head['_renderer_rays']) / (bandwidth * 1e9)
+  results['renderer_floor_seconds'] = floor_s
+  results['renderer_floor_ratio'] = head['_renderer_seconds'] / floor_s
+  results['scaling'] = series
+  results['scaling_per_unit'] = per_unit
+  results['pipeline_examples_per_second'] = bench_pipeline(config, pipeline_batches)
+  results['param_counts'] = param_counts(config)
+  results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
+  return results
+
+
+def main(argv):
+  del argv
+  config = nsflags.config_from_flags()
+  import jax  # pylint: disable=import-outside-toplevel
+  # compile_seconds is a cold compile: nothing may load the step from a persistent cache
+  # (JAX_COMPILATION_CACHE_DIR, or --compilation_cache_dir which only ensure_data turns on).
+  jax.config.update('jax_enable_compilation_cache', False)
+  results = run_benchmarks(config, _STEPS.value, _PARTS.value, _SCALING.value,
+                           _PIPELINE_BATCHES.value)
+  print_report(results)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:
-      json.dump({k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
-                 for k, v in results.items()}, f, indent=2, default=str)
+      json.dump(results, f, indent=2, default=str)
   sys.stdout.flush()
 
 

@@ -1,0 +1,107 @@
+"""experiments.benchmark on the tiny config: the JSON's keys (the train step's figures, the
+per-part breakdown, the scaling series in rays, points and batch) are there and positive. No
+timing thresholds: the figures depend on the machine and its load."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import benchmark
+from helpers import tiny_config
+
+# Keys the JSON has always had (before the breakdown and batch scaling were added).
+HEADLINE = ('train_step_seconds', 'model_gflops_per_step', 'achieved_gflops',
+            'matmul_peak_gflops', 'mfu', 'renderer_rays_per_second', 'renderer_floor_ratio',
+            'memory_bandwidth_gbps', 'train_samples_per_second', 'peak_rss_gb',
+            'init_seconds', 'compile_seconds', 'param_count', 'loss')
+SERIES = {'renderer_seconds_by_rays': 'renderer_seconds_per_ray',
+          'lidar_seconds_by_points': 'lidar_seconds_per_point',
+          'train_step_seconds_by_batch': 'train_step_seconds_per_example'}
+
+
+def _config():
+  return tiny_config(perspective_rays=64, bev_rays=32, max_points=1024)
+
+
+def test_with_replaces_one_subtree():
+  tree = {'a': {'b': 1, 'c': 2}, 'd': 3}
+  out = benchmark._with(tree, ('a', 'b'), 9)  # pylint: disable=protected-access
+  assert out == {'a': {'b': 9, 'c': 2}, 'd': 3} and tree['a']['b'] == 1
+
+
+def test_fwd_bwd_is_the_vjp_under_ones():
+  fn = benchmark._fwd_bwd(lambda d, c: (d * c, c + 1))  # pylint: disable=protected-access
+  out, aux, grad = fn(jnp.arange(3.0), jnp.full(3, 2.0))
+  assert aux.tolist() == [3.0, 3.0, 3.0]
+  assert out.tolist() == [0.0, 2.0, 4.0] and grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_print_report_prints_parts_and_scaling(capsys):
+  step = 0.5
+  parts = {name: dict(seconds=0.05, gflops=1.0, gflops_per_second=20.0, share=0.1)
+           for name, _ in benchmark.PARTS}
+  results = dict(train_step_seconds=step, model_gflops_per_step=8.0, parts=parts,
+                 parts_sum_seconds=0.4, parts_remainder_seconds=0.1,
+                 scaling={'renderer_seconds_by_rays': {10: 1.0, 20: 2.0, 40: 4.0}},
+                 scaling_per_unit={'renderer_seconds_per_ray': {10: 0.1, 20: 0.1, 40: 0.1}},
+                 param_counts={'demo': {'lidar': 1, 'total': 1}}, device='cpu x1')
+  benchmark.print_report(results)
+  out = capsys.readouterr().out
+  for _, what in benchmark.PARTS:
+    assert what in out
+  assert 'other (fusion by XLA across parts' in out and 'x1.00' in out
+
+
+@pytest.mark.slow
+def test_part_programs_feed_realistic_inputs():
+  fns, args = benchmark.part_programs(_config())
+  assert set(fns) == set(args) == {name for name, _ in benchmark.PARTS}
+  out, _, (params, volume, bev) = fns['renderer'](*args['renderer'])
+  assert set(params) >= {'field', 'bev_decoder'} and set(out) == {'perspective', 'bev'}
+  for g in (volume, bev, *jax.tree.leaves(params)):
+    assert bool(jnp.isfinite(g).all())
+  assert float(jnp.abs(volume).sum()) > 0  # the gradient reaches the fused volume
+  loss, metrics, _ = fns['loss'](*args['loss'])
+  assert float(loss) > 0 and 'perspective_psnr' in metrics
+
+
+@pytest.mark.slow
+def test_run_benchmarks_json(tmp_path):
+  config = _config()
+  results = benchmark.run_benchmarks(config, steps=1, parts=True, scaling=True,
+                                     pipeline_batches=1)
+  for key in HEADLINE:
+    assert results[key] > 0, key
+  assert results['compile_seconds'] == pytest.approx(results['compile_lower_seconds']
+                                                     + results['compile_xla_seconds'])
+  assert isinstance(results['compile_cache_used'], bool)
+
+  parts = results['parts']
+  assert list(parts) == [name for name, _ in benchmark.PARTS]
+  for name, r in parts.items():
+    assert set(r) == {'seconds', 'gflops', 'gflops_per_second', 'share'}, name
+    assert r['seconds'] > 0 and r['gflops'] > 0 and r['gflops_per_second'] > 0, name
+    assert r['share'] == pytest.approx(r['seconds'] / results['train_step_seconds'])
+  assert results['parts_remainder_seconds'] == pytest.approx(
+      results['train_step_seconds'] - results['parts_sum_seconds'])
+  # The parts are the step cut into pieces: together they hold about its FLOPs.
+  total = sum(r['gflops'] for r in parts.values())
+  assert 0.5 < total / results['model_gflops_per_step'] < 2
+
+  assert set(results['scaling']) == set(SERIES)
+  assert set(results['scaling_per_unit']) == set(SERIES.values())
+  assert list(results['scaling']['train_step_seconds_by_batch']) == [1, 2, 4]
+  for name, per in SERIES.items():
+    series = results['scaling'][name]
+    assert len(series) == 3 and all(s > 0 for s in series.values()), name
+    assert results['scaling_per_unit'][per] == {n: s / n for n, s in series.items()}
+
+  path = tmp_path / 'bench.json'
+  path.write_text(json.dumps(results, default=str))
+  loaded = json.loads(path.read_text())
+  assert loaded['scaling']['train_step_seconds_by_batch']['4'] > 0
+  assert loaded['parts']['renderer']['gflops'] > 0
