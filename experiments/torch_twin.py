@@ -1,0 +1,501 @@
+r"""A PyTorch (eager) twin of the nsmae_jax renderer, and our renderer's speed against it.
+
+  python -m experiments.torch_twin --flagfile=experiments/configs/demo.flags
+
+Prints, for the flagfile's own sizes, full.flags' sizes and a fixed 4096 rays x 64 samples /
+128x128x8x32 case, the seconds of one forward + backward (w.r.t. the fused volume, the field
+MLP's parameters and the learned background) of our jitted renderer and of the torch twin, and
+their ratio `renderer_speedup_vs_torch` = torch seconds / our seconds (> 1: ours is faster).
+
+The twin is the same math, written the way torch code is, op for op what NSMAE.render does:
+box_near_far (slab test, near clamp), stratified samples (bin jitter, or bin centres), points,
+trilinear lookup of the cell-centred [X, Y, Z, C] volume with the border clamp, the NeRF
+positional encodings [x, sin(2^k pi x), cos(2^k pi x)] of the normalised point and of the view
+direction, the field MLP (trunk of field_depth ReLU layers of field_width, shifted-softplus
+density, colour branch on [trunk, PE(dir)] of width // 2 and a sigmoid), exclusive-cumsum
+compositing with the remaining transmittance on far (depth) and on sigmoid(background logit)
+(colour). The trilinear lookup comes in two forms, both timed: `grid_sample` (torch's fused
+kernel; align_corners=False with padding_mode='border' is exactly our cell-centred clamp) and
+`gather` (our 8 corner gathers of the flattened volume, line for line). torch_seconds is the
+faster of the two (the best torch eager does on this math). tests/test_torch_twin.py checks
+that both forms agree with ours (outputs and gradients, same inputs and weights).
+
+Timings are medians over interleaved runs (ours, torch grid_sample, torch gather, ours, ...),
+after one warm-up call of each (our compile is not timed). Both run in float32 on the same
+threads (half_precision in a flagfile is ignored here). torch is an optional extra, never a
+dependency of nsmae_jax: without it this prints a message and exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+FULL_FLAGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'full.flags')
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What the renderer's cost depends on (one renderer call: batch x (perspective + BEV) rays)."""
+  name: str
+  batch: int = 1
+  perspective_rays: int = 1024
+  bev_rays: int = 512
+  num_samples: int = 32
+  volume_shape: tuple[int, int, int] = (32, 32, 6)
+  channels: int = 32
+  field_width: int = 64
+  field_depth: int = 2
+  pos_freqs: int = 6
+  dir_freqs: int = 4
+  box_min: tuple[float, float, float] = (-32.0, -32.0, -3.0)
+  box_max: tuple[float, float, float] = (32.0, 32.0, 3.0)
+  near: float = 0.5
+
+  @property
+  def rays(self) -> int:
+    """Rays per example."""
+    return self.perspective_rays + self.bev_rays
+
+  def describe(self) -> dict[str, Any]:
+    return dict(size=self.name, batch=self.batch, rays=self.batch * self.rays,
+                num_samples=self.num_samples, volume_shape=list(self.volume_shape),
+                channels=self.channels, field_width=self.field_width,
+                field_depth=self.field_depth)
+
+
+def sizes_from_config(config, name: str = 'config') -> Sizes:
+  """The renderer's sizes in one pre-training step of `config` on one device (both views)."""
+  from nsmae_jax.models import resolve_size  # pylint: disable=import-outside-toplevel
+  r = config.render
+  lo, hi = config.volume_bounds
+  return Sizes(name=name, batch=config.train.per_device_batch_size,
+               perspective_rays=r.perspective_rays, bev_rays=r.bev_rays,
+               num_samples=r.num_samples, volume_shape=tuple(config.volume_shape),
+               channels=resolve_size(config).volume_channels, field_width=r.field_width,
+               field_depth=r.field_depth, pos_freqs=r.pos_freqs, dir_freqs=r.dir_freqs,
+               box_min=tuple(lo), box_max=tuple(hi), near=r.near)
+
+
+def config_from_flagfile(path: str):
+  """A Config from a flagfile (includes followed), on a private FlagValues: the process's own
+  flags are untouched."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from nsmae_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+            str: flags.DEFINE_string}
+  types = {'bool': bool, 'int': int, 'float': float, 'str': str}
+  fv = flags.FlagValues()
+  for _, field in config_lib.all_fields():
+    kind = types[field.type] if isinstance(field.type, str) else field.type
+    define[kind](field.name, field.default, '', flag_values=fv)
+  fv(['torch_twin', f'--flagfile={path}'])
+  return config_lib.Config().replace(
+      **{f.name: fv[f.name].value for _, f in config_lib.all_fields()}).validate()
+
+
+# 4096 rays x 64 samples through a 128 x 128 x 8 volume of 32 channels (a 64 m x 64 m x 6 m box).
+LARGE = Sizes(name='4096x64', batch=1, perspective_rays=2048, bev_rays=2048, num_samples=64,
+              volume_shape=(128, 128, 8), channels=32, field_width=64, field_depth=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and our renderer
+
+
+def make_inputs(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
+  """float32 inputs of one renderer call: volume [B, X, Y, Z, C], background logit [3], and per
+  example perspective rays (from around the ego car, near = sizes.near) then top-down BEV rays
+  (from the volume's top, near = 0): origins, dirs [B, R, 3], near [B, R]; colour and depth
+  targets [B, R, 3], [B, R] for the loss."""
+  rng = np.random.default_rng(seed)
+  b, p, q = sizes.batch, sizes.perspective_rays, sizes.bev_rays
+  lo, hi = np.asarray(sizes.box_min), np.asarray(sizes.box_max)
+  volume = rng.normal(size=(b, *sizes.volume_shape, sizes.channels))
+  po = np.stack([rng.uniform(-1, 1, (b, p)), rng.uniform(-1, 1, (b, p)),
+                 np.full((b, p), lo[2] + 0.6 * (hi[2] - lo[2]))], -1)
+  az, el = rng.uniform(-np.pi, np.pi, (b, p)), rng.uniform(-0.35, 0.15, (b, p))
+  pd = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1)
+  bo = np.concatenate([rng.uniform(lo[:2], hi[:2], (b, q, 2)), np.full((b, q, 1), hi[2])], -1)
+  bd = np.broadcast_to(np.array([0.0, 0.0, -1.0]), (b, q, 3))
+  near = np.concatenate([np.full((b, p), sizes.near), np.zeros((b, q))], -1)
+  out = dict(volume=volume, background=rng.normal(size=(3,)),
+             origins=np.concatenate([po, bo], 1), dirs=np.concatenate([pd, bd], 1), near=near,
+             target_color=rng.uniform(size=(b, sizes.rays, 3)),
+             target_depth=rng.uniform(0, 40, (b, sizes.rays)))
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def jax_field(sizes: Sizes):
+  from nsmae_jax.render import RadianceField  # pylint: disable=import-outside-toplevel
+  return RadianceField(width=sizes.field_width, depth=sizes.field_depth,
+                       pos_freqs=sizes.pos_freqs, dir_freqs=sizes.dir_freqs,
+                       box_min=sizes.box_min, box_max=sizes.box_max)
+
+
+def init_params(sizes: Sizes, seed: int = 0) -> dict:
+  """The field's flax params (float32), biases drawn too so that every weight matters."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  c = sizes.channels
+  params = jax_field(sizes).init(jax.random.key(seed), jnp.zeros((1, c)), jnp.zeros((1, 3)),
+                                 jnp.ones((1, 3)) / math.sqrt(3.0))['params']
+  keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: (0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
+                       if path[-1].key == 'bias' else x), params)
+
+
+def jax_render_fn(sizes: Sizes):
+  """(params, volume, background logit, origins, dirs, near, key or None) -> composite()
+  outputs: NSMAE.render's renderer (box_near_far, render_rays over sigmoid(background))."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render import box_near_far, render_rays  # pylint: disable=import-outside-toplevel
+  field = jax_field(sizes)
+
+  def render(params, volume, background, origins, dirs, near, key):
+    n, f, _ = box_near_far(origins, dirs, sizes.box_min, sizes.box_max, near)
+    field_fn = lambda *a: field.apply({'params': params}, *a)
+    return render_rays(field_fn, volume, origins, dirs, n, f, sizes.num_samples, sizes.box_min,
+                       sizes.box_max, key, jax.nn.sigmoid(background))
+  return render
+
+
+def _loss(color, depth, target_color, target_depth, mean, abs_):
+  """The pre-training losses' form: L2 colour + 0.1 L1 depth."""
+  return mean((color - target_color) ** 2) + 0.1 * mean(abs_(depth - target_depth))
+
+
+def jax_grad_fn(sizes: Sizes):
+  """jitted (params, volume, background, origins, dirs, near, key, targets...) ->
+  (loss, (d params, d volume, d background))."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  render = jax_render_fn(sizes)
+
+  def loss(params, volume, background, origins, dirs, near, key, target_color, target_depth):
+    out = render(params, volume, background, origins, dirs, near, key)
+    return _loss(out['color'], out['depth'], target_color, target_depth, jnp.mean, jnp.abs)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch twin
+
+
+def _torch():
+  import torch  # pylint: disable=import-outside-toplevel
+  return torch
+
+
+def torch_positional_encoding(x, num_freqs: int):
+  """[x, sin(2^k pi x), cos(2^k pi x)] in our order (frequency-major, then coordinate)."""
+  torch = _torch()
+  scales = (2.0 ** torch.arange(num_freqs, dtype=x.dtype)) * math.pi
+  xb = (x[..., None, :] * scales[:, None]).reshape(*x.shape[:-1], -1)
+  return torch.cat([x, torch.sin(xb), torch.cos(xb)], dim=-1)
+
+
+def make_torch_field(sizes: Sizes):
+  """The field MLP as a torch.nn.Module (nn.Linear layers named as our flax Dense layers)."""
+  torch = _torch()
+  nn, fn = torch.nn, torch.nn.functional
+  pos_dim, dir_dim = 3 * (1 + 2 * sizes.pos_freqs), 3 * (1 + 2 * sizes.dir_freqs)
+  w = sizes.field_width
+
+  class TorchField(nn.Module):
+    """density, colour = F(volume feature, PE(point), PE(direction))."""
+
+    def __init__(self):
+      super().__init__()
+      self.trunk = nn.ModuleList(
+          [nn.Linear(sizes.channels + pos_dim if i == 0 else w, w)
+           for i in range(sizes.field_depth)])
+      self.density = nn.Linear(w, 1)
+      self.color_hidden = nn.Linear(w + dir_dim, w // 2)
+      self.color = nn.Linear(w // 2, 3)
+      self.register_buffer('lo', torch.tensor(sizes.box_min, dtype=torch.float32))
+      self.register_buffer('hi', torch.tensor(sizes.box_max, dtype=torch.float32))
+
+    def forward(self, features, points, dirs):
+      p = 2.0 * (points - self.lo) / (self.hi - self.lo) - 1.0
+      x = torch.cat([features, torch_positional_encoding(p, sizes.pos_freqs)], dim=-1)
+      for layer in self.trunk:
+        x = fn.relu(layer(x))
+      density = fn.softplus(self.density(x)[..., 0] - 1.0)
+      d = torch_positional_encoding(dirs, sizes.dir_freqs)
+      h = fn.relu(self.color_hidden(torch.cat([x, d], dim=-1)))
+      return density, torch.sigmoid(self.color(h))
+
+  return TorchField()
+
+
+def load_flax_params(field, params: dict) -> None:
+  """Copies our flax field params into the torch field (kernel [in, out] -> weight [out, in])."""
+  torch = _torch()
+  layers = {f'trunk_{i}': m for i, m in enumerate(field.trunk)}
+  layers.update(density=field.density, color_hidden=field.color_hidden, color=field.color)
+  with torch.no_grad():
+    for name, layer in layers.items():
+      layer.weight.copy_(torch.from_numpy(np.asarray(params[name]['kernel']).T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.asarray(params[name]['bias']).copy()))
+
+
+def torch_grads_as_flax(field) -> dict:
+  """The torch field's .grad in our flax param layout (numpy)."""
+  layers = {f'trunk_{i}': m for i, m in enumerate(field.trunk)}
+  layers.update(density=field.density, color_hidden=field.color_hidden, color=field.color)
+  return {name: {'kernel': layer.weight.grad.numpy().T, 'bias': layer.bias.grad.numpy()}
+          for name, layer in layers.items()}
+
+
+_EPS = 1e-6
+
+
+def torch_box_near_far(origins, dirs, lo, hi, near):
+  """Slab test as render's box_near_far: near, far [...] (far = near + 1e-3 on a miss)."""
+  torch = _torch()
+  safe = torch.where(dirs.abs() < _EPS, torch.full_like(dirs, _EPS), dirs)
+  t0, t1 = (lo - origins) / safe, (hi - origins) / safe
+  t_enter = torch.minimum(t0, t1).amax(dim=-1)
+  t_exit = torch.maximum(t0, t1).amin(dim=-1)
+  n = torch.maximum(t_enter, near)
+  hit = t_exit > n + 1e-3
+  return n, torch.where(hit, t_exit, n + 1e-3)
+
+
+def torch_trilinear_gather(volume, points, lo, hi):
+  """volume [B, X, Y, Z, C], points [B, N, 3] -> [B, N, C]: our 8 corner gathers, line for
+  line (cell-centred, clamped to the border; i0 <= size - 2)."""
+  torch = _torch()
+  b, c = volume.shape[0], volume.shape[-1]
+  shape = torch.tensor(volume.shape[1:4], dtype=points.dtype)
+  g = (points - lo) / (hi - lo) * shape - 0.5
+  g = torch.minimum(torch.clamp(g, min=0.0), shape - 1.0)
+  top = torch.clamp(torch.tensor(volume.shape[1:4]) - 2, min=0)
+  i0 = torch.minimum(torch.clamp(torch.floor(g).long(), min=0), top)
+  i1 = torch.minimum(i0 + 1, torch.tensor(volume.shape[1:4]) - 1)
+  f = g - i0
+  sy, sz = volume.shape[2] * volume.shape[3], volume.shape[3]
+  # Per example rows of one flat [B * X * Y * Z, C] table.
+  base = (torch.arange(b) * (volume.shape[1] * sy))[:, None]
+  flat = volume.reshape(-1, c)
+  out = 0.0
+  for cx in (0, 1):
+    ix, wx = (i1[..., 0], f[..., 0]) if cx else (i0[..., 0], 1 - f[..., 0])
+    for cy in (0, 1):
+      iy, wy = (i1[..., 1], f[..., 1]) if cy else (i0[..., 1], 1 - f[..., 1])
+      for cz in (0, 1):
+        iz, wz = (i1[..., 2], f[..., 2]) if cz else (i0[..., 2], 1 - f[..., 2])
+        out = out + (wx * wy * wz)[..., None] * flat[base + ix * sy + iy * sz + iz]
+  return out
+
+
+def torch_trilinear_grid_sample(volume, points, lo, hi):
+  """The same lookup with torch's fused grid_sample: [B, C, X, Y, Z] input (D=X, H=Y, W=Z), the
+  grid's last axis ordered (W, H, D) = (z, y, x); align_corners=False puts -1 and 1 on the box
+  faces, i.e. index = (u + 1) size / 2 - 0.5, and border padding clamps as ours."""
+  torch = _torch()
+  b, n = points.shape[:2]
+  u = 2.0 * (points - lo) / (hi - lo) - 1.0
+  grid = u.flip(-1).reshape(b, 1, 1, n, 3)
+  out = torch.nn.functional.grid_sample(volume.permute(0, 4, 1, 2, 3), grid, mode='bilinear',
+                                        padding_mode='border', align_corners=False)
+  return out.reshape(b, -1, n).transpose(1, 2)
+
+
+def torch_render(field, volume, background, origins, dirs, near, sizes: Sizes, jitter=None,
+                 lookup: str = 'grid_sample') -> dict:
+  """NSMAE.render in torch: volume [B, X, Y, Z, C], background logit [3], origins, dirs
+  [B, R, 3], near [B, R], jitter [B, R, S] uniform in [0, 1) or None (bin centres) ->
+  dict(color [B, R, 3], depth, opacity [B, R], weights, t [B, R, S])."""
+  torch = _torch()
+  lo, hi = field.lo, field.hi
+  b, r = origins.shape[:2]
+  s = sizes.num_samples
+  n, f = torch_box_near_far(origins, dirs, lo, hi, near)
+  width = (f - n) / s                                            # [B, R]
+  offset = 0.5 if jitter is None else jitter
+  t = n[..., None] + (torch.arange(s, dtype=origins.dtype) + offset) * width[..., None]
+  deltas = width[..., None].expand(b, r, s)
+  points = origins[:, :, None, :] + t[..., None] * dirs[:, :, None, :]   # [B, R, S, 3]
+  interp = torch_trilinear_grid_sample if lookup == 'grid_sample' else torch_trilinear_gather
+  feats = interp(volume, points.reshape(b, r * s, 3), lo, hi)    # [B, R * S, C]
+  c = feats.shape[-1]
+  density, color = field(feats.reshape(-1, c), points.reshape(-1, 3),
+                         dirs[:, :, None, :].expand(b, r, s, 3).reshape(-1, 3))
+  density, color = density.reshape(b, r, s), color.reshape(b, r, s, 3)
+  tau = density * deltas
+  cum = torch.cumsum(tau, dim=-1)
+  trans = torch.exp(-torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1))
+  weights = trans * (1.0 - torch.exp(-tau))
+  left = torch.exp(-cum[..., -1])
+  depth = (weights * t).sum(-1) + left * f
+  rgb = (weights[..., None] * color).sum(-2) + left[..., None] * torch.sigmoid(background)
+  return dict(color=rgb, depth=depth, opacity=weights.sum(-1), weights=weights, t=t)
+
+
+class TorchTwin:
+  """The torch field (our weights copied over) and the inputs as torch tensors; `step()` runs
+  one forward + backward (fresh jitter from torch.rand) and returns the loss."""
+
+  def __init__(self, sizes: Sizes, params: dict, inputs: dict[str, np.ndarray],
+               lookup: str = 'grid_sample'):
+    torch = _torch()
+    self.sizes, self.lookup = sizes, lookup
+    self.field = make_torch_field(sizes)
+    load_flax_params(self.field, params)
+    self.t = {k: torch.from_numpy(v.copy()) for k, v in inputs.items()}
+    self.t['volume'].requires_grad_(True)
+    self.t['background'].requires_grad_(True)
+
+  def render(self, jitter=None) -> dict:
+    x = self.t
+    return torch_render(self.field, x['volume'], x['background'], x['origins'], x['dirs'],
+                        x['near'], self.sizes, jitter, self.lookup)
+
+  def step(self, jitter=None):
+    torch = _torch()
+    x = self.t
+    for p in [*self.field.parameters(), x['volume'], x['background']]:
+      p.grad = None
+    if jitter is None:
+      jitter = torch.rand(x['near'].shape + (self.sizes.num_samples,))
+    out = self.render(jitter)
+    loss = _loss(out['color'], out['depth'], x['target_color'], x['target_depth'], torch.mean,
+                 torch.abs)
+    loss.backward()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
+            lookups: tuple[str, ...] = ('grid_sample', 'gather')) -> dict[str, Any]:
+  """Times one forward + backward of our jitted renderer and of the torch twin at the same sizes.
+
+  Args:
+    config_or_sizes: a Config (its sizes_from_config) or a Sizes.
+    repeats: timed calls of each, interleaved (ours, torch per lookup, ours, ...), after one
+      warm-up call of each.
+    lookups: the torch twin's trilinear forms to time ('grid_sample', 'gather').
+
+  Returns:
+    dict: jax_seconds, torch_seconds (the fastest lookup's median), torch_lookup (which),
+    torch_<lookup>_seconds for each, renderer_speedup_vs_torch = torch_seconds / jax_seconds,
+    jax_compile_seconds, the sizes (Sizes.describe()), threads, repeats.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  torch = _torch()
+  sizes = (config_or_sizes if isinstance(config_or_sizes, Sizes)
+           else sizes_from_config(config_or_sizes))
+  inputs = make_inputs(sizes, seed)
+  params = init_params(sizes, seed)
+  grad_fn = jax_grad_fn(sizes)
+  j = {k: jnp.asarray(v) for k, v in inputs.items()}
+  key = jax.random.key(seed)
+  args = (params, j['volume'], j['background'], j['origins'], j['dirs'], j['near'], key,
+          j['target_color'], j['target_depth'])
+  t0 = time.perf_counter()
+  jax.block_until_ready(grad_fn(*args))
+  compile_s = time.perf_counter() - t0
+  twins = {lk: TorchTwin(sizes, params, inputs, lk) for lk in lookups}
+  for twin in twins.values():
+    twin.step()
+  times: dict[str, list[float]] = {'jax': [], **{lk: [] for lk in lookups}}
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad_fn(*args))
+    times['jax'].append(time.perf_counter() - t0)
+    for lk, twin in twins.items():
+      t0 = time.perf_counter()
+      twin.step()
+      times[lk].append(time.perf_counter() - t0)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  best = min(lookups, key=lambda lk: med[lk])
+  out = dict(jax_seconds=med['jax'], torch_seconds=med[best], torch_lookup=best,
+             **{f'torch_{lk}_seconds': med[lk] for lk in lookups},
+             renderer_speedup_vs_torch=med[best] / med['jax'], jax_compile_seconds=compile_s,
+             torch_threads=torch.get_num_threads(), repeats=repeats,
+             torch_version=torch.__version__, jax_version=jax.__version__)
+  out.update(sizes.describe())
+  return out
+
+
+def print_table(rows: list[dict]) -> None:
+  print('renderer forward + backward (volume, field MLP, background), float32, CPU; median of '
+        f'{rows[0]["repeats"] if rows else 0} interleaved runs; speedup = torch / ours')
+  head = (f'{"size":<10} {"rays":>6} {"S":>3} {"volume":>12} {"C":>3} {"MLP":>6} '
+          f'{"ours ms":>9} {"torch ms":>9} {"(lookup)":<12} {"gather ms":>10} {"speedup":>8}')
+  print(head)
+  for r in rows:
+    vol = 'x'.join(map(str, r['volume_shape']))
+    gather = r.get('torch_gather_seconds')
+    print(f'{r["size"]:<10} {r["rays"]:>6} {r["num_samples"]:>3} {vol:>12} {r["channels"]:>3} '
+          f'{r["field_width"]:>3}x{r["field_depth"]:<2} {r["jax_seconds"] * 1e3:9.1f} '
+          f'{r["torch_seconds"] * 1e3:9.1f} {"(" + r["torch_lookup"] + ")":<12} '
+          f'{"" if gather is None else f"{gather * 1e3:10.1f}":>10} '
+          f'{r["renderer_speedup_vs_torch"]:8.2f}')
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from experiments import flags as nsflags  # pylint: disable=import-outside-toplevel
+  if not torch_available():
+    print('torch_twin: torch is not installed (it is an optional extra, not a dependency of '
+          'nsmae_jax); install a CPU build of torch to compare the renderer against it. '
+          'Nothing timed.')
+    return
+  config = nsflags.config_from_flags()
+  fv = flags.FLAGS
+  sizes = []
+  if 'config' in fv.twin_sizes:
+    sizes.append(sizes_from_config(config, 'config'))
+  if 'full' in fv.twin_sizes:
+    sizes.append(sizes_from_config(config_from_flagfile(FULL_FLAGS), 'full'))
+  if 'large' in fv.twin_sizes:
+    sizes.append(LARGE)
+  rows = []
+  for s in sizes:
+    rows.append(speedup(s, repeats=fv.twin_repeats))
+    print(f'{s.name}: ours {rows[-1]["jax_seconds"] * 1e3:.1f} ms, torch '
+          f'{rows[-1]["torch_seconds"] * 1e3:.1f} ms', file=sys.stderr, flush=True)
+  print_table(rows)
+  if fv.twin_json_out:
+    import json  # pylint: disable=import-outside-toplevel
+    with open(fv.twin_json_out, 'w') as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+  from absl import flags as _flags
+  from experiments import flags as _nsflags
+  _flags.DEFINE_integer('twin_repeats', 5, 'Timed calls of each renderer (interleaved).')
+  _flags.DEFINE_list('twin_sizes', ['config', 'full', 'large'], 'Which sizes to time: config '
+                     '(the flagfile\'s), full (experiments/configs/full.flags), large (4096 rays '
+                     'x 64 samples, 128x128x8 volume of 32 channels).')
+  _flags.DEFINE_string('twin_json_out', '', 'Write the rows as JSON to this file.')
+  _nsflags.run(main)
