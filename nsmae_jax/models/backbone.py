@@ -70,11 +70,11 @@ class NSMAEBackbone(nn.Module):
       self.camera = ViTEncoder(
           patch=c.model.patch_size, width=size.vit_width, depth=size.vit_depth,
           heads=size.vit_heads, mlp_ratio=size.vit_mlp_ratio, out_channels=size.camera_channels,
-          mask_ratio=c.model.image_mask_ratio, dtype=dtype)
+          mask_ratio=c.model.image_mask_ratio, dtype=dtype, remat=c.train.remat)
       self.lifting = CameraLifting(
           volume_shape=c.volume_shape, box_min=box_min, box_max=box_max,
           image_hw=(c.data.image_height, c.data.image_width), channels=size.volume_channels,
-          dtype=dtype)
+          dtype=dtype, remat=c.train.remat)
     self.fusion = Fusion(volume_channels=size.volume_channels, bev_channels=size.bev_channels,
                          z_cells=c.volume_shape[2], modalities=self.modalities, dtype=dtype)
 

@@ -51,6 +51,7 @@ class CameraLifting(nn.Module):
   image_hw: tuple[int, int]
   channels: int
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute the per-camera samples in the backward pass
 
   @nn.compact
   def __call__(self, features: jnp.ndarray, intrinsics: jnp.ndarray,
@@ -59,8 +60,11 @@ class CameraLifting(nn.Module):
     [B, X, Y, Z, channels] LiDAR frame."""
     # Projecting before lifting is the same linear map, on h*w*K cells rather than X*Y*Z*K.
     f = nn.Dense(self.channels, dtype=self.dtype, name='proj')(features)
-    vol, seen = jax.vmap(lambda a, b, c: lift_features(
-        a, b.astype(jnp.float32), c.astype(jnp.float32), self.volume_shape, self.box_min,
-        self.box_max, self.image_hw))(f, intrinsics, cam2lidar)
+    lift = lambda a, b, c: lift_features(a, b, c, self.volume_shape, self.box_min, self.box_max,
+                                         self.image_hw)
+    if self.remat:  # keeps only the feature maps: no [K, X*Y*Z, C] samples for the backward
+      lift = jax.checkpoint(lift)
+    vol, seen = jax.vmap(lift)(f, jnp.asarray(intrinsics, jnp.float32),
+                               jnp.asarray(cam2lidar, jnp.float32))
     unseen = self.param('unseen_embed', nn.initializers.normal(0.02), (self.channels,))
     return jnp.where(seen[..., None] > 0, vol, unseen.astype(vol.dtype))

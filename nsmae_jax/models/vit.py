@@ -69,6 +69,7 @@ class ViTEncoder(nn.Module):
   out_channels: int
   mask_ratio: float
   dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each block in the backward pass (same params)
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, mask: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -92,8 +93,9 @@ class ViTEncoder(nn.Module):
     else:
       keep, masked = None, jnp.zeros((b, k, t), bool)
     x = x.reshape(b * k, n_keep, self.width)
+    block = nn.remat(Block) if self.remat else Block  # nn.remat keeps the param tree
     for i in range(self.depth):
-      x = Block(self.heads, self.mlp_ratio, dtype=self.dtype, name=f'block{i}')(x)
+      x = block(self.heads, self.mlp_ratio, dtype=self.dtype, name=f'block{i}')(x)
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x).reshape(b, k, n_keep, self.width)
     # Created unconditionally so that the parameter tree does not depend on `mask`.
     mask_token = self.param('mask_token', nn.initializers.normal(0.02), (self.width,))

@@ -69,7 +69,8 @@ class NSMAE(nn.Module):
     background = (nn.sigmoid(self.background) if self.config.render.background == 'learned'
                   else None)
     out = render_rays(self.field, volume, origins, dirs, n, f, self.config.render.num_samples,
-                      self.box_min, self.box_max, key, background)
+                      self.box_min, self.box_max, key, background,
+                      remat=self.config.train.remat)
     out['hit'] = hit
     return out
 
