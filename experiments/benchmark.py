@@ -16,7 +16,12 @@ parts ({part: seconds, gflops, gflops_per_second, share of the step}: each part 
 alone, forward + backward on the inputs the model produces up to it) with parts_sum_seconds and
 parts_remainder_seconds (step - sum: what XLA gains or loses by fusing across the seams);
 scaling (seconds at three ray counts, point counts and per-device batch sizes) and
-scaling_per_unit (the same per ray / point / example: constant = linear).
+scaling_per_unit (the same per ray / point / example: constant = linear);
+renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours at this config's
+renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
+with renderer_vs_torch (both times, the sizes); full_config_device_memory_gib (temp + argument
++ output - alias of the compiled full.flags step at per-device batch 2,
+experiments.memory_report) with full_config_memory (its parts).
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ _PARTS = flags.DEFINE_bool('bench_parts', True, 'Time the train step part by par
                            'the JSON): each part compiled and timed on its own.')
 _SCALING = flags.DEFINE_bool('bench_scaling', True, 'Time the renderer, the LiDAR encoder and '
                              'the train step at three ray counts, point counts and batch sizes.')
+_FULL_MEMORY = flags.DEFINE_bool('bench_full_memory', True, 'Report the compiled step\'s '
+                                 'memory per device for experiments/configs/full.flags at '
+                                 'per-device batch 2 (experiments.memory_report, in a subprocess: '
+                                 'a few minutes of compile on CPU).')
+_TORCH = flags.DEFINE_bool('bench_torch', True, 'When torch is installed, time the PyTorch eager '
+                           'twin of the renderer at this config\'s sizes '
+                           '(experiments.torch_twin).')
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -426,8 +438,35 @@ def print_report(results: dict) -> None:
                                                             counts.items()))
 
 
+def full_config_memory(per_device_batch_size: int = 2) -> dict:
+  """experiments.memory_report's figures for full.flags, run in a fresh process: the
+  memory-minimising CPU scheduler it needs is an XLA flag read when jax starts."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'memory.json')
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    subprocess.run([sys.executable, '-m', 'experiments.memory_report',
+                    f'--flagfile={root}/experiments/configs/full.flags',
+                    f'--per_device_batch_size={per_device_batch_size}',
+                    f'--memory_json_out={out}'], cwd=root, env=env, check=True)
+    with open(out) as f:
+      return json.load(f)
+
+
+def torch_speedup(config) -> dict | None:
+  """experiments.torch_twin.speedup at `config`'s renderer sizes; None without torch."""
+  from experiments import torch_twin  # pylint: disable=import-outside-toplevel
+  if not torch_twin.torch_available():
+    return None
+  return torch_twin.speedup(config)
+
+
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
-                   pipeline_batches: int = 20) -> dict:
+                   pipeline_batches: int = 20, full_memory: bool = False,
+                   torch: bool = False) -> dict:
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel
   results = {}
@@ -452,6 +491,12 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['param_counts'] = param_counts(config)
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
+  twin = torch_speedup(config) if torch else None
+  results['renderer_speedup_vs_torch'] = twin and twin['renderer_speedup_vs_torch']
+  results['renderer_vs_torch'] = twin
+  memory = full_config_memory() if full_memory else None
+  results['full_config_device_memory_gib'] = memory and memory['device_memory_gib']
+  results['full_config_memory'] = memory
   return results
 
 
@@ -463,7 +508,7 @@ def main(argv):
   # (JAX_COMPILATION_CACHE_DIR, or --compilation_cache_dir which only ensure_data turns on).
   jax.config.update('jax_enable_compilation_cache', False)
   results = run_benchmarks(config, _STEPS.value, _PARTS.value, _SCALING.value,
-                           _PIPELINE_BATCHES.value)
+                           _PIPELINE_BATCHES.value, _FULL_MEMORY.value, _TORCH.value)
   print_report(results)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:

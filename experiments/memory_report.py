@@ -22,11 +22,16 @@ started without the flag gets that default's figure; the result says which).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
+from absl import flags
+
 from experiments import flags as nsflags
+
+_JSON_OUT = flags.DEFINE_string('memory_json_out', '', 'Also write the figures as JSON here.')
 
 _GIB = 2.0 ** 30
 # XLA:CPU's default concurrency-optimised scheduler runs independent work early for parallelism;
@@ -118,6 +123,9 @@ def main(argv) -> None:
   for key in ('temp_gib', 'argument_gib', 'output_gib', 'alias_gib', 'generated_code_gib'):
     print(f'  {key:<20} {r[key]:8.3f}')
   print(f'device_memory_gib (temp + argument + output - alias): {r["device_memory_gib"]:.3f}')
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, 'w') as f:
+      json.dump(r, f, indent=1)
   sys.stdout.flush()
 
 
