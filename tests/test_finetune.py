@@ -21,7 +21,8 @@ from nsmae_jax.train.checkpointing import Checkpointer
 def fresh_params():
   config = tiny_config()
   task = bevseg_task(config)
-  params = task.init_params(jax.random.PRNGKey(0), fake_batch(config, 1))
+  # Jitted: an eager init dispatches (and compiles) every op on its own.
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0), fake_batch(config, 1))
   return jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -99,6 +100,7 @@ def test_seg_loss_matches_closed_forms():
     seg_loss(logits, labels, 'dice')
 
 
+@pytest.mark.slow  # compiles an optimizer step of the whole model (fast tier: < 2 min)
 @pytest.mark.parametrize('scale', [0.0, 0.25])
 def test_backbone_lr_scale_scales_only_backbone_updates(fresh_params, scale):
   """--backbone_lr_scale multiplies the backbone's AdamW update (weight decay included); the

@@ -19,7 +19,7 @@ import pytest
 from helpers import tiny_config
 from nsmae_jax.config import ConfigError
 from nsmae_jax.data.fake import fake_batch
-from nsmae_jax.finetune import bevseg_task, init_from_pretrained, seg_loss
+from nsmae_jax.finetune import bevseg_task, seg_loss
 from nsmae_jax.finetune.head import BEVSegModel
 from nsmae_jax.finetune.task import _leaves, eval_inputs, evaluate_checkpoint
 from nsmae_jax.models.backbone import NSMAEBackbone, drop_modality
@@ -74,6 +74,7 @@ def models():
   return out
 
 
+@pytest.mark.slow  # the models fixture compiles three models (fast tier: < 2 min)
 @pytest.mark.parametrize('present', ['camera', 'lidar'])
 def test_single_modality_model_needs_no_input_of_the_other_sensor(models, present):
   config, params, logits = models[present]
@@ -86,6 +87,7 @@ def test_single_modality_model_needs_no_input_of_the_other_sensor(models, presen
   assert set(fusion['fuse0']) == {f'{present}_kernel', 'bias'}
 
 
+@pytest.mark.slow  # the models fixture (fast tier: < 2 min)
 @pytest.mark.parametrize('present', ['camera', 'lidar'])
 def test_single_modality_tree_is_the_joint_tree_minus_the_absent_branch(models, present):
   joint = dict(_leaves(models['camera,lidar'][1]['backbone']))
@@ -108,6 +110,7 @@ def _save_checkpoint(workdir, params, step):
   ckpt.close()
 
 
+@pytest.mark.slow  # the models fixture (fast tier: < 2 min)
 @pytest.mark.parametrize('present', ['camera', 'lidar'])
 def test_present_branch_restores_equal_to_the_joint_checkpoint(models, present, tmp_path):
   rng = np.random.default_rng(1)
@@ -181,6 +184,7 @@ def test_bad_modality_settings_name_the_flag():
                    _batch(config, without=SENSOR_KEYS['lidar']))
 
 
+@pytest.mark.slow  # compiles both convolutions eagerly (fast tier: < 2 min)
 def test_split_input_conv_is_the_convolution_of_the_concatenation():
   """The joint fusion layers compute exactly one convolution over the concatenated inputs."""
   rng = np.random.default_rng(0)

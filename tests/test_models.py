@@ -42,6 +42,7 @@ def test_params_tree_has_the_backbone_subtree_and_groups(setup):
   assert set(groups) == {'lidar', 'camera', 'lifting', 'fusion', 'field', 'bev_decoder'}
 
 
+@pytest.mark.slow  # compiles the full train step (fast tier: < 2 min)
 def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
   _, model, batch, params = setup
 
@@ -116,6 +117,7 @@ def test_nothing_of_a_dropped_lidar_block_reaches_the_backbone(setup):
   assert not np.allclose(visible['bev'], feats['bev'])
 
 
+@pytest.mark.slow  # compiles the eval step (fast tier: < 2 min)
 def test_eval_reports_unmasked_and_masked_figures(setup):
   _, model, batch, params = setup
   loss, aux = jax.jit(lambda p, b: losses.pretrain_loss(model, p, b, jax.random.key(0),
@@ -131,6 +133,7 @@ def test_eval_reports_unmasked_and_masked_figures(setup):
   assert m['masked_bev_depth_loss'] != m['bev_depth_loss']
 
 
+@pytest.mark.slow  # compiles the chunked renderer of both views (fast tier: < 2 min)
 def test_render_views_shapes_and_targets(setup):
   config, model, batch, params = setup
   views = losses.render_views(model, params, batch, jax.random.key(0), camera=0,

@@ -82,6 +82,7 @@ class _StopAfterStep2(FakeIterator):
     return super().__next__()
 
 
+@pytest.mark.slow  # trains on 2 emulated devices (fast tier: < 2 min)
 @pytest.mark.timeout(300)  # 2 emulated devices; a few compiles of the toy step
 def test_pmap_and_jit_train_the_same_and_resume_each_others_checkpoints(tmp_path):
   assert jax.local_device_count() == 2

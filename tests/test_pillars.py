@@ -97,6 +97,7 @@ def test_masking_drops_the_exact_fraction_of_non_empty_pillars(ratio):
   assert not np.array_equal(np.asarray(other), np.asarray(first))
 
 
+@pytest.mark.slow  # compiles the LiDAR branch per block size (fast tier: < 2 min)
 @pytest.mark.parametrize('block', [2, 4])
 def test_block_masking_hides_every_point_of_a_dropped_block(pfn, block):
   """Blocks of block x block pillars (the backbone uses a fused-volume cell): the exact

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from nsmae_jax.render import RadianceField, box_near_far, render_rays
 
@@ -54,6 +55,7 @@ def _train_on_sky(learned_background: bool, steps: int = 200) -> tuple[float, fl
   return float(density(params)), float(density(p)), float(value)
 
 
+@pytest.mark.slow  # trains a small field (fast tier: < 2 min)
 def test_a_learned_background_keeps_sky_out_of_the_top_slab():
   before, with_bg, loss_bg = _train_on_sky(True)
   _, black, loss_black = _train_on_sky(False)

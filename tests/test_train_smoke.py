@@ -1,6 +1,8 @@
 """flax-style smoke tests: the whole train_and_evaluate for 2 steps with the real tasks (NS-MAE
 pre-training, BEV segmentation from scratch) on a shrunken model and fake batches. No world, no
-subprocess: the integration test that catches most breakage between the loop and a task."""
+subprocess: the integration test that catches most breakage between the loop and a task. They
+compile two whole train steps (about a minute on 2 cores), so they run in the slow tier:
+`pytest tests/test_train_smoke.py` runs them alone."""
 
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def _run(config, task, capsys):
   return rows, tags, captured, metrics
 
 
+@pytest.mark.slow  # trains: compiles the whole pre-training step (fast tier: < 2 min)
 @pytest.mark.timeout(900)
 def test_pretrain_task_two_steps(tmp_path, capsys):
   config = tiny_config(str(tmp_path), image_every_steps=0, **SMALL)
@@ -80,6 +83,7 @@ def test_pretrain_task_two_steps(tmp_path, capsys):
   assert 'pretrain:' in captured.err and 'loss=' in captured.err  # the tqdm bar
 
 
+@pytest.mark.slow  # trains: compiles the whole fine-tuning step (fast tier: < 2 min)
 @pytest.mark.timeout(900)
 def test_bevseg_task_from_scratch_two_steps(tmp_path, capsys):
   config = tiny_config(str(tmp_path), image_every_steps=2, init_workdir='', **SMALL)

@@ -26,6 +26,7 @@ def test_masks_the_exact_fraction_per_camera(ratio):
   assert not np.array_equal(masked[0, 0], masked[0, 1])  # cameras draw their own masks
 
 
+@pytest.mark.slow  # compiles the ViT twice (fast tier: < 2 min)
 def test_encoder_sees_only_visible_patches():
   enc = _encoder(0.5)
   images = np.random.default_rng(0).uniform(size=(B, K, H, W, 3)).astype(np.float32)
@@ -56,6 +57,7 @@ def _flops(ratio, mask=True):
   return cost['flops']
 
 
+@pytest.mark.slow  # compiles the ViT at several mask ratios (fast tier: < 2 min)
 def test_encoder_flops_shrink_with_the_mask_ratio():
   full = _flops(0.5, mask=False)
   f = [_flops(r) for r in (0.25, 0.5, 0.75)]
