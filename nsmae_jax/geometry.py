@@ -105,6 +105,22 @@ def grid_centers(shape: tuple[int, ...], box_min, box_max) -> jnp.ndarray:
   return jnp.stack(jnp.meshgrid(*axes, indexing='ij'), axis=-1)
 
 
+def bilinear_corners(h: int, w: int, uv: jnp.ndarray, image_hw: tuple[int, int]
+                     ) -> tuple[jnp.ndarray, ...]:
+  """The 4 taps of bilinear_sample on an [h, w] map covering the H x W image (same convention).
+
+  Returns:
+    y0, x0, y1, x1 [N] int32 cell indices and fy, fx [N] the weights of the y1 / x1 taps: the
+    sample is (1 - fy) ((1 - fx) m[y0, x0] + fx m[y0, x1]) + fy ((1 - fx) m[y1, x0] + fx m[y1, x1]).
+  """
+  x = jnp.clip((uv[:, 0] + 0.5) * (w / image_hw[1]) - 0.5, 0.0, w - 1.0)
+  y = jnp.clip((uv[:, 1] + 0.5) * (h / image_hw[0]) - 0.5, 0.0, h - 1.0)
+  x0 = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, max(w - 2, 0))
+  y0 = jnp.clip(jnp.floor(y).astype(jnp.int32), 0, max(h - 2, 0))
+  x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
+  return y0, x0, y1, x1, y - y0, x - x0
+
+
 def bilinear_sample(feature_map: jnp.ndarray, uv: jnp.ndarray, image_hw: tuple[int, int]
                     ) -> jnp.ndarray:
   """Samples a feature map covering the whole image at image pixel coordinates.
@@ -121,12 +137,8 @@ def bilinear_sample(feature_map: jnp.ndarray, uv: jnp.ndarray, image_hw: tuple[i
     [N, C].
   """
   h, w, _ = feature_map.shape
-  x = jnp.clip((uv[:, 0] + 0.5) * (w / image_hw[1]) - 0.5, 0.0, w - 1.0)
-  y = jnp.clip((uv[:, 1] + 0.5) * (h / image_hw[0]) - 0.5, 0.0, h - 1.0)
-  x0 = jnp.clip(jnp.floor(x).astype(jnp.int32), 0, max(w - 2, 0))
-  y0 = jnp.clip(jnp.floor(y).astype(jnp.int32), 0, max(h - 2, 0))
-  x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
-  fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+  y0, x0, y1, x1, fy, fx = bilinear_corners(h, w, uv, image_hw)
+  fx, fy = fx[:, None], fy[:, None]
   fm = feature_map
   return ((1 - fy) * ((1 - fx) * fm[y0, x0] + fx * fm[y0, x1])
           + fy * ((1 - fx) * fm[y1, x0] + fx * fm[y1, x1]))
