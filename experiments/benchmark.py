@@ -155,7 +155,7 @@ def bench_batch_scaling(config, batch_sizes, steps: int, known: dict | None = No
 PARTS = (
     ('lidar', 'LiDAR: pillar scatter + PFN + BEV canvas convs'),
     ('camera', 'camera: ViT image encoder (patchify, blocks)'),
-    ('lifting', 'lifting: camera->LiDAR projection + gathers'),
+    ('lifting', 'lifting: camera->LiDAR projection + dense matmul or gathers'),
     ('fusion', 'fusion: 3D volume + BEV map convs'),
     ('rays', 'rays + targets (forward only, no params)'),
     ('renderer', 'renderer: bev decoder, sampling, field MLP, compositing'),

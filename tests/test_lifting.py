@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from nuscenes.utils.geometry_utils import view_points
 
 from helpers import tiny_config
@@ -159,6 +160,7 @@ def test_the_guard_picks_the_gather_path_above_the_limit(monkeypatch):
   assert not lifting.use_dense_lift(_SHAPE, feats.shape, batch=2)
 
 
+@pytest.mark.slow  # compiles the lifting four ways (fast tier: < 2 min)
 def test_camera_lifting_paths_agree_with_and_without_remat(monkeypatch):
   intr, c2l = _rig()
   rng = np.random.default_rng(2)
