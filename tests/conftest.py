@@ -1,7 +1,7 @@
 """Shared fixtures: the synthetic world and its converted dataset are built once per test run.
 
-Two tiers: `pytest -m "not slow"` runs the fast tests (no world generation, no subprocesses);
-`pytest` runs everything. A test that uses the world fixtures is marked slow here
+Two tiers: `pytest -m "not slow"` runs the fast tests (no world generation, no subprocesses;
+add `-n 2` for two pytest-xdist workers); `pytest` runs everything. A test that uses the world fixtures is marked slow here
 automatically; tests that start processes or train on real data carry `@pytest.mark.slow`.
 Helpers (tiny_config, WORLD) live in tests/helpers.py.
 """
