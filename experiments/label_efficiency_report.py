@@ -14,9 +14,9 @@ Single-modality grids (--modalities=camera or lidar) have their own cells, <pref
 (e.g. ft-camera_pretrained_f0.05_s0), and reports, <out_prefix>_<modality>.*; the joint grid's
 names are unchanged, so neither can read the other's cells. A sensor-drop evaluation
 (--drop_modality=camera|lidar) of the joint cells stores <cell>/drop_<sensor>/result.json and is
-reported as <out_prefix>_drop_<sensor>.*, beside the single-modality reports. The runner rewrites the report after every cell; run this
-module alone to rewrite it from an existing results directory (e.g. after editing the format),
-without JAX or a training.
+reported as <out_prefix>_drop_<sensor>.*, beside the single-modality reports. The runner
+rewrites the report after every cell; run this module alone to rewrite it from an existing
+results directory (e.g. after editing the format), without JAX or a training.
 
 This module owns the results directory's cell naming, so the runner imports it and not the other
 way round.
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import textwrap
 
 from nsmae_jax.config import Config
 from nsmae_jax.data import schema
@@ -264,15 +265,20 @@ def _plot(groups: dict, spec: TaskReport, path: str, title: str) -> None:
       frs = sorted(f for i, f in g if i == init)
       stats = [_stats(g[(init, f)]) for f in frs]
       xs = [100 * f for f in frs]
-      ax.plot(xs, [s[0] for s in stats], marker='o', label=init)
-      ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2)
+      line, = ax.plot(xs, [s[0] for s in stats], marker='o', label=init)
+      colour = line.get_color()  # band and seed dots in the line's colour
+      ax.fill_between(xs, [s[2] for s in stats], [s[3] for s in stats], alpha=0.2, color=colour)
       for f in frs:
-        ax.scatter([100 * f] * len(g[(init, f)]), g[(init, f)], s=8, alpha=0.6)
+        ax.scatter([100 * f] * len(g[(init, f)]), g[(init, f)], s=8, alpha=0.6, color=colour)
     ax.set_xscale('log')
+    ticks = sorted({100 * f for _, f in g})
+    ax.set_xticks(ticks, [f'{t:g}%' for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel('label fraction (% of training key frames)')
     ax.set_ylabel(f'{label} (%)')
     default = spec.title.format(label).replace('Label efficiency (', '').rstrip(')')
-    ax.set_title(title or f'{default}: mean over seeds, band = min..max')
+    ax.set_title(textwrap.fill(title or f'{default}: mean over seeds, band = min..max', 60),
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
   fig.tight_layout()
