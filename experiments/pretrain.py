@@ -4,8 +4,9 @@ r"""NS-MAE pre-training.
 
 On the demo flags a missing dataset is generated (synthetic nuScenes-format world) and converted
 first. An existing workdir resumes from its newest good checkpoint (a damaged one is named and
-moved aside); SIGTERM saves a checkpoint and exits; a second run on a workdir in use is refused. All logic lives in
-nsmae_jax.train.train_and_evaluate with nsmae_jax.pretrain's task (importable from notebooks).
+moved aside); SIGTERM saves a checkpoint and exits; a second run on a workdir in use is
+refused. All logic lives in nsmae_jax.train.train_and_evaluate with nsmae_jax.pretrain's task
+(importable from notebooks).
 """
 
 from experiments import data
@@ -17,8 +18,9 @@ from nsmae_jax.pretrain import pretrain_task
 def main(argv):
   del argv
   config = nsflags.config_from_flags()
+  task = pretrain_task(config)  # a bad model setting fails before any data preparation
   data.ensure_data(config)
-  train.train_and_evaluate(config, config.train.workdir, pretrain_task(config))
+  train.train_and_evaluate(config, config.train.workdir, task)
 
 
 if __name__ == '__main__':

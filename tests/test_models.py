@@ -156,6 +156,12 @@ def test_unknown_model_size_names_the_flag():
     pretrain.build_pretrain_model(tiny_config(model_size='huge'))
 
 
+@pytest.mark.parametrize('modalities', ['camera', 'lidar'])
+def test_single_modality_pretraining_is_refused_naming_the_flag(modalities):
+  with pytest.raises(ConfigError, match=f'--modalities={modalities}'):
+    pretrain.pretrain_task(tiny_config(modalities=modalities))
+
+
 @pytest.mark.parametrize('size', sorted(models.MODEL_SIZES))
 def test_named_sizes_build(size):
   config = tiny_config(model_size=size)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nsmae_jax.config import Config
+from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.models import NSMAEBackbone, compute_dtype, resolve_size
 from nsmae_jax.render import RadianceField, box_near_far, render_rays
 
@@ -94,6 +94,11 @@ class NSMAE(nn.Module):
 def build_pretrain_model(config: Config) -> NSMAE:
   """The pre-training model for `config` (sizes from config.model.model_size)."""
   resolve_size(config)  # fail early on a bad size name
+  if config.finetune.modalities != 'camera,lidar':
+    # Pre-training renders the fused field of both sensors (single-modality models are
+    # fine-tuned from a joint pre-training): refused here, before anything is built.
+    raise ConfigError(f'--modalities={config.finetune.modalities}: NS-MAE pre-training needs '
+                      'both sensors (camera,lidar); --modalities selects the fine-tuned model')
   return NSMAE(config)
 
 
