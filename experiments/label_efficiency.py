@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import flags
@@ -182,6 +183,17 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
     return json.load(f)
 
 
+class JobStopped(RuntimeError):
+  """A pre-training or fine-tuning job stopped before its last step (SIGTERM): it is not
+  finished, and re-running the grid resumes it from its checkpoint."""
+
+
+def _check_finished(res: dict, workdir: str) -> None:
+  if res.get('preempted_at_step') is not None:
+    raise JobStopped(f'{workdir} was stopped at step {res["preempted_at_step"]} before its last '
+                     'step (SIGTERM); nothing is marked done: re-run the same command to resume it')
+
+
 def _run_cell_main(path: str) -> None:
   """Child process: runs the job of `path` and writes job_result.json next to it."""
   from nsmae_jax.config import Config  # pylint: disable=import-outside-toplevel
@@ -226,6 +238,7 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
     log(f'== pre-training {ab or "(full NS-MAE)"} -> {wd}')
     t0 = time.time()
     res = _run_job('pretrain', cfg, wd, in_process)
+    _check_finished(res, wd)
     with open(os.path.join(wd, 'done.json'), 'w') as f:
       json.dump(dict(res, wall_s=time.time() - t0), f, indent=1)
   ft_cfg = config.replace(
@@ -317,6 +330,7 @@ def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
     log(f'== {task} {init} fraction {fraction:g} seed {seed} -> {wd}')
     t0 = time.time()
     res = _run_job(f'finetune:{task}', cfg, wd, in_process)
+    _check_finished(res, wd)
     res['wall_s'] = time.time() - t0
     res['steps'] = cfg.train.num_train_steps
     with open(os.path.join(wd, 'result.json')) as f:
@@ -348,13 +362,17 @@ def main(argv):
   config = nsflags.config_from_flags(**overrides)
   data.ensure_data(config)  # generates/converts on first use; turns the compilation cache on
   t0 = time.time()
-  rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
-                  [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
-                  ablations=tuple(_ABLATIONS.value),
-                  ablation_fractions=[float(f) for f in _ABLATION_FRACTIONS.value],
-                  pretrain_steps=_PRETRAIN_STEPS.value, finetune_steps=_FINETUNE_STEPS.value,
-                  finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value,
-                  tasks=tuple(_TASKS.value))
+  try:
+    rows = run_grid(config, results_dir, [float(f) for f in _FRACTIONS.value],
+                    [int(s) for s in _SEEDS.value], inits=tuple(_INITS.value),
+                    ablations=tuple(_ABLATIONS.value),
+                    ablation_fractions=[float(f) for f in _ABLATION_FRACTIONS.value],
+                    pretrain_steps=_PRETRAIN_STEPS.value, finetune_steps=_FINETUNE_STEPS.value,
+                    finetune_learning_rate=_FINETUNE_LR.value, out_prefix=_OUT_PREFIX.value,
+                    tasks=tuple(_TASKS.value))
+  except JobStopped as e:
+    print(f'stopped: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   print(f'{len(rows)} cells finished; this invocation took {time.time() - t0:.0f} s', flush=True)
 
 

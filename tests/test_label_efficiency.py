@@ -446,3 +446,39 @@ def test_report_command_line_rewrites_the_report(tmp_path):
                         f'--results_dir={tmp_path / "missing"}'], cwd=_REPO,
                        capture_output=True, text=True)
   assert bad.returncode != 0 and 'does not exist' in bad.stderr
+
+
+def test_a_stopped_job_is_not_marked_done_and_the_rerun_resumes_it(tmp_path, fake_training,
+                                                                  monkeypatch):
+  """A job stopped by SIGTERM (the loop's 'preempted_at_step') is not finished: the grid stops
+  naming it, writes no done.json / result.json, and the same command runs it again."""
+  import experiments.finetune_bevseg as ft  # pylint: disable=import-outside-toplevel
+  import nsmae_jax.train as train  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.finetune.task import save_result  # pylint: disable=import-outside-toplevel
+  config = tiny_config(str(tmp_path))
+  res = str(tmp_path / 'res')
+  kw = dict(inits=('pretrained',), log=lambda s: None, in_process=True)
+  real_pretrain, real_finetune = train.train_and_evaluate, ft.finetune
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda c, wd, task: train.TrainResult(
+      state=None, metrics={'loss': 1.0, 'preempted_at_step': 3}))
+  with pytest.raises(le.JobStopped, match=r'pretrain was stopped at step 3'):
+    le.run_grid(config, res, [1.0], [0], **kw)
+  assert not os.path.exists(os.path.join(le.pretrain_dir(res), 'done.json'))
+  monkeypatch.setattr(train, 'train_and_evaluate', real_pretrain)
+
+  def stopped_finetune(cfg, workdir):  # as finetune_bevseg.finetune after a SIGTERM
+    result = {'eval_miou': 0.1, 'preempted_at_step': 5}
+    os.makedirs(workdir, exist_ok=True)
+    save_result(cfg, workdir, result)
+    return result
+
+  monkeypatch.setattr(ft, 'finetune', stopped_finetune)
+  cell = os.path.join(res, report.cell_name('pretrained', 1.0, 0))
+  with pytest.raises(le.JobStopped, match=r'stopped at step 5'):
+    le.run_grid(config, res, [1.0], [0], **kw)
+  assert len(fake_training['pretrain']) == 1  # the resumed pre-training ran to its end
+  assert not os.path.exists(os.path.join(cell, 'result.json'))
+  monkeypatch.setattr(ft, 'finetune', real_finetune)
+  rows = le.run_grid(config, res, [1.0], [0], **kw)
+  assert len(rows) == 1 and len(fake_training['finetune']) == 1
+  assert os.path.exists(os.path.join(cell, 'result.json'))

@@ -52,9 +52,10 @@ def init_from_pretrained(params: dict, init_workdir: str, step: int | None = Non
   """params {'backbone', 'head'} -> (params with the backbone restored, report).
 
   The backbone subtree comes from `<init_workdir>/checkpoints/<step>/state` at
-  ('params', 'backbone') (the newest step whose checksums verify by default); the head keeps its fresh values. An empty
-  init_workdir loads nothing. report: {'init_workdir', 'step', 'loaded': [paths], 'fresh':
-  [paths], 'loaded_params', 'fresh_params'} (paths 'backbone/...', 'head/...').
+  ('params', 'backbone') (the newest step whose checksums verify by default); the head keeps
+  its fresh values. An empty init_workdir loads nothing. report: {'init_workdir', 'step',
+  'loaded': [paths], 'fresh': [paths], 'loaded_params', 'fresh_params'} (paths 'backbone/...',
+  'head/...').
   """
   params = dict(params)
   loaded_step = None
@@ -187,7 +188,15 @@ def finetune_task_kwargs(config: Config, workdir: str | None) -> dict[str, Any]:
 
 
 def save_result(config: Config, workdir: str, result: Mapping[str, Any]) -> None:
-  """<workdir>/result.json: the final metrics and what identifies the cell (init, labels, seed)."""
+  """<workdir>/result.json: the final metrics and what identifies the cell (init, labels, seed).
+
+  Nothing is written for a run stopped before its last step (SIGTERM: 'preempted_at_step' in
+  `result`): result.json marks a finished run, and a rerun resumes this one.
+  """
+  if result.get('preempted_at_step') is not None:
+    print(f'{workdir}: stopped at step {result["preempted_at_step"]}; no result.json (rerun '
+          'to resume)', flush=True)
+    return
   fc = config.finetune
   with open(os.path.join(workdir, 'result.json'), 'w') as f:
     json.dump(dict(result, init_workdir=fc.init_workdir, label_fraction=fc.label_fraction,
