@@ -25,29 +25,42 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
 _TYPES = {'bool': bool, 'int': int, 'float': float, 'str': str}
 
 
-def _define_all() -> None:
+def _define_all(flag_values: flags.FlagValues = FLAGS) -> None:
   for group, field in config_lib.all_fields():
-    if field.name in FLAGS:
+    if field.name in flag_values:
       continue
     kind = _TYPES[field.type] if isinstance(field.type, str) else field.type
     _DEFINE[kind](field.name, field.default, field.metadata['help'],
-                  module_name=f'nsmae_jax.config.{group}')
+                  module_name=f'nsmae_jax.config.{group}', flag_values=flag_values)
 
 
 _define_all()
 
 
-def config_from_flags(**overrides) -> config_lib.Config:
-  """A validated Config from the parsed flags (plus keyword overrides by field name).
+def config_from_flags(check_files: bool = True, **overrides) -> config_lib.Config:
+  """A validated Config from the parsed flags (plus keyword overrides by field name); with
+  check_files, also the file-system checks of check_paths (off for tools that read no data).
 
   Raises config_lib.ConfigError('--flag: problem') on a bad value; `run()` turns it into a
   one-line error and a non-zero exit.
   """
-  values = {}
-  for _, field in config_lib.all_fields():
-    values[field.name] = FLAGS[field.name].value
+  return _config(FLAGS, check_files, **overrides)
+
+
+def config_from_flagfile(path: str) -> config_lib.Config:
+  """The validated Config of a flagfile (includes followed), parsed on a private FlagValues so
+  the process's own flags are untouched; no file-system checks."""
+  fv = flags.FlagValues()
+  _define_all(fv)
+  fv(['config_from_flagfile', f'--flagfile={path}'])
+  return _config(fv, check_files=False)
+
+
+def _config(flag_values: flags.FlagValues, check_files: bool, **overrides) -> config_lib.Config:
+  values = {field.name: flag_values[field.name].value for _, field in config_lib.all_fields()}
   values.update(overrides)
-  return check_paths(config_lib.Config().replace(**values).validate())
+  config = config_lib.Config().replace(**values).validate()
+  return check_paths(config) if check_files else config
 
 
 def check_paths(config: config_lib.Config) -> config_lib.Config:
@@ -87,7 +100,7 @@ def flag_names() -> list[str]:
   return [f.name for _, f in config_lib.all_fields()]
 
 
-__all__ = ['FLAGS', 'check_paths', 'config_from_flags', 'run', 'flag_names']
+__all__ = ['FLAGS', 'check_paths', 'config_from_flagfile', 'config_from_flags', 'run', 'flag_names']
 
 
 def adopt_into_main() -> None:

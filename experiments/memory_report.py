@@ -97,24 +97,16 @@ def device_memory(config, per_device_batch_size: int) -> dict:
       'generated_code_gib': m.generated_code_size_in_bytes / _GIB,
       'per_device_batch_size': per_device_batch_size,
       'lower_seconds': t1 - t0, 'compile_seconds': t2 - t1,
-      'remat': bool(getattr(config.train, 'remat', False)),
+      'remat': config.train.remat,
       'half_precision': bool(config.train.half_precision),
       'backend': jax.default_backend(),
       'cpu_memory_scheduler': CPU_SCHEDULER_FLAG in os.environ.get('XLA_FLAGS', ''),
   }
 
 
-def config_from_flags():
-  """The validated Config of the parsed flags, without the entry points' file-system checks
-  (nothing is read: --data_dir need not exist)."""
-  from nsmae_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  values = {name: nsflags.FLAGS[name].value for name in nsflags.flag_names()}
-  return config_lib.Config().replace(**values).validate()
-
-
 def main(argv) -> None:
   del argv
-  config = config_from_flags()
+  config = nsflags.config_from_flags(check_files=False)  # reads no data
   r = device_memory(config, config.train.per_device_batch_size)
   print(f'per-device batch {r["per_device_batch_size"]}, remat={r["remat"]}, '
         f'half_precision={r["half_precision"]}: lowered in {r["lower_seconds"]:.1f} s, '

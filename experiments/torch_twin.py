@@ -96,23 +96,6 @@ def sizes_from_config(config, name: str = 'config') -> Sizes:
                box_min=tuple(lo), box_max=tuple(hi), near=r.near)
 
 
-def config_from_flagfile(path: str):
-  """A Config from a flagfile (includes followed), on a private FlagValues: the process's own
-  flags are untouched."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from nsmae_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-            str: flags.DEFINE_string}
-  types = {'bool': bool, 'int': int, 'float': float, 'str': str}
-  fv = flags.FlagValues()
-  for _, field in config_lib.all_fields():
-    kind = types[field.type] if isinstance(field.type, str) else field.type
-    define[kind](field.name, field.default, '', flag_values=fv)
-  fv(['torch_twin', f'--flagfile={path}'])
-  return config_lib.Config().replace(
-      **{f.name: fv[f.name].value for _, f in config_lib.all_fields()}).validate()
-
-
 # 4096 rays x 64 samples through a 128 x 128 x 8 volume of 32 channels (a 64 m x 64 m x 6 m box).
 LARGE = Sizes(name='4096x64', batch=1, perspective_rays=2048, bev_rays=2048, num_samples=64,
               volume_shape=(128, 128, 8), channels=32, field_width=64, field_depth=2)
@@ -475,7 +458,7 @@ def main(argv):
   if 'config' in fv.twin_sizes:
     sizes.append(sizes_from_config(config, 'config'))
   if 'full' in fv.twin_sizes:
-    sizes.append(sizes_from_config(config_from_flagfile(FULL_FLAGS), 'full'))
+    sizes.append(sizes_from_config(nsflags.config_from_flagfile(FULL_FLAGS), 'full'))
   if 'large' in fv.twin_sizes:
     sizes.append(LARGE)
   rows = []

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from experiments import torch_twin as tt  # noqa: E402
+from experiments import flags as nsflags  # noqa: E402
 
 # Non-cubic volume, a size-1 axis and rays that leave the box: axis order, the border clamp
 # and the i0 <= size - 2 rule all show. Perspective origins sit 0.6 up the box; BEV from the top.
@@ -87,10 +88,10 @@ def test_gradients_agree(setup, ours, lookup):
 
 
 def test_sizes_from_the_shipped_configs():
-  demo = tt.sizes_from_config(tt.config_from_flagfile(
+  demo = tt.sizes_from_config(nsflags.config_from_flagfile(
       tt.FULL_FLAGS.replace('full.flags', 'demo.flags')))
   assert (demo.rays, demo.num_samples, demo.volume_shape, demo.channels, demo.field_width,
           demo.field_depth) == (1536, 32, (32, 32, 6), 32, 64, 2)
-  full = tt.sizes_from_config(tt.config_from_flagfile(tt.FULL_FLAGS))
+  full = tt.sizes_from_config(nsflags.config_from_flagfile(tt.FULL_FLAGS))
   assert (full.batch, full.rays, full.num_samples, full.volume_shape, full.channels,
           full.field_width, full.field_depth) == (2, 8192, 64, (100, 100, 8), 64, 128, 3)
