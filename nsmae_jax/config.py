@@ -128,7 +128,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
   """The NeRF-style renderer and the rays drawn per step."""
-  num_samples: int = _f(32, 'Stratified samples per ray between near and far.', check=positive)
+  num_samples: int = _f(32, 'Samples per ray between near and far (field evaluations per ray).',
+                        check=positive)
   perspective_rays: int = _f(1024, 'Perspective rays per example per step (half at pixels hit '
                              'by LiDAR points, with depth targets; half random, colour only).',
                              check=non_negative)
@@ -144,6 +145,21 @@ class RenderConfig:
                        'exclude (black, and perspective rays without an in-volume LiDAR return '
                        'that leave through the top or sides get no colour loss).',
                        check=one_of('learned', 'black', 'exclude'))
+  sampling: str = _f('stratified', 'Where each ray\'s --num_samples field evaluations go: '
+                     'stratified (equal bins over [near, far]) or lidar (inverse-CDF samples '
+                     'from an occupancy grid of the unmasked LiDAR returns plus a uniform floor; '
+                     'see docs/lidar_sampling.md). Both views.',
+                     check=one_of('stratified', 'lidar'))
+  coarse_samples: int = _f(128, '--sampling=lidar: occupancy lookups per ray (no field MLP) '
+                           'that build its sample pdf.', check=positive)
+  uniform_fraction: float = _f(0.2, '--sampling=lidar: share of the pdf spread uniformly over '
+                               '[near, far], so rays past unscanned surfaces still get samples.',
+                               check=lambda x: None if 0.0 <= x <= 1.0 else
+                               f'must be in [0, 1], got {x}')
+  occupancy_cell: float = _f(0.5, '--sampling=lidar: cell size (m) of the LiDAR occupancy grid '
+                             'over the fused volume\'s bounds.', check=positive)
+  occupancy_dilation: int = _f(1, '--sampling=lidar: cells each LiDAR return\'s cell is dilated '
+                               'by.', check=non_negative)
 
 
 @dataclasses.dataclass(frozen=True)

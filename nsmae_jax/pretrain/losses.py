@@ -164,16 +164,17 @@ def _view_fns(model, camera: int):
 
   @jax.jit
   def prepare(params, ex):
-    """-> {view: volume [1, X, Y, Z, C]}, all rays (perspective then BEV) and the targets."""
-    volumes = model.apply({'params': params}, ex, method=lambda m, b: m.view_volumes(
-        m.encode(b, mask=False)))
+    """-> {view: volume [1, X, Y, Z, C]}, the occupancy grid (None unless --sampling=lidar),
+    all rays (perspective then BEV) and the targets."""
+    volumes, occupancy = model.apply({'params': params}, ex, method=lambda m, b: (
+        m.view_volumes(m.encode(b, mask=False)), m.occupancy(b)))
     rays, tg = targets.full_view_rays(model.config, {k: v[0] for k, v in ex.items()}, camera)
-    return volumes, rays, tg
+    return volumes, occupancy, rays, tg
 
   @jax.jit
-  def render(params, volume, origins, dirs, near):
+  def render(params, volume, occupancy, origins, dirs, near):
     out = model.apply({'params': params}, volume, origins[None], dirs[None], near[None], None,
-                      method=model.render)
+                      occupancy, method=model.render)
     return out['color'][0], out['depth'][0]
 
   return prepare, render
@@ -192,7 +193,7 @@ def render_views(model, params: Any, batch: dict, rng: jax.Array | None = None,
   ex = {k: jnp.asarray(np.asarray(batch[k])[:1])
         for k in ('images', 'intrinsics', 'cam2lidar', 'points', 'points_mask')}
   prepare, render = _view_fns(model, camera)
-  volumes, rays, tg = prepare(params, ex)
+  volumes, occupancy, rays, tg = prepare(params, ex)
   h, w = cfg.data.image_height, cfg.data.image_width
   n_p = h * w
   chunk = min(max_rays_per_chunk, n_p)
@@ -204,7 +205,8 @@ def render_views(model, params: Any, batch: dict, rng: jax.Array | None = None,
     pad = (-n) % chunk
     padded = [jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]) for a in view_rays]
     for start in range(0, n, chunk):
-      c, d = render(params, volumes[view], *(a[start:start + chunk] for a in padded))
+      c, d = render(params, volumes[view], occupancy,
+                    *(a[start:start + chunk] for a in padded))
       colors.append(np.asarray(c)[:n - start])
       depths.append(np.asarray(d)[:n - start])
   color, depth = np.concatenate(colors), np.concatenate(depths)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.models import NSMAEBackbone, compute_dtype, resolve_size
 from nsmae_jax.render import RadianceField, box_near_far, render_rays
+from nsmae_jax.render.guidance import grid_shape, occupancy_grid
 
 
 class NSMAE(nn.Module):
@@ -60,17 +61,36 @@ class NSMAE(nn.Module):
     """Backbone outputs -> {view: the volume its rays render}."""
     return {'perspective': feats['volume'], 'bev': self.bev_volume(feats['bev'])}
 
+  def occupancy(self, batch: dict) -> jnp.ndarray | None:
+    """The LiDAR occupancy grids [B, Gx, Gy, Gz] that guide sampling (--sampling=lidar), from
+    every valid return of the unmasked batch (the encoder's masking hides returns from the
+    features, not from the sampler, as in UniPAD's depth-aware sampling); None when
+    stratified."""
+    r = self.config.render
+    if r.sampling != 'lidar':
+      return None
+    shape = grid_shape(self.box_min, self.box_max, r.occupancy_cell)
+    grid = lambda p, v: occupancy_grid(p[:, :3], v, self.box_min, self.box_max, shape,
+                                       r.occupancy_dilation)
+    return jax.vmap(grid)(batch['points'], batch['points_mask'])
+
   def render(self, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
-             near: jnp.ndarray, key: jax.Array | None) -> dict:
+             near: jnp.ndarray, key: jax.Array | None,
+             occupancy: jnp.ndarray | None = None) -> dict:
     """volume [B, X, Y, Z, C]; origins, dirs [B, R, 3]; near [B, R] (m) -> composite() outputs
     [B, R, ...] (over the background colour) and hit [B, R] (the ray spends positive length
-    inside the volume). key None: bin-centre samples (deterministic); else stratified jitter."""
+    inside the volume). key None: deterministic samples; else jittered. occupancy: [B, Gx, Gy,
+    Gz] from occupancy() (needed with --sampling=lidar), None: stratified samples."""
+    r = self.config.render
+    if (occupancy is None) != (r.sampling != 'lidar'):
+      raise ValueError(f'--sampling={r.sampling} with occupancy '
+                       f'{"missing" if occupancy is None else "given"}: pass occupancy() here')
     n, f, hit = box_near_far(origins, dirs, self.box_min, self.box_max, near)
-    background = (nn.sigmoid(self.background) if self.config.render.background == 'learned'
-                  else None)
-    out = render_rays(self.field, volume, origins, dirs, n, f, self.config.render.num_samples,
+    background = (nn.sigmoid(self.background) if r.background == 'learned' else None)
+    out = render_rays(self.field, volume, origins, dirs, n, f, r.num_samples,
                       self.box_min, self.box_max, key, background,
-                      remat=self.config.train.remat)
+                      remat=self.config.train.remat, occupancy=occupancy,
+                      coarse_samples=r.coarse_samples, uniform_fraction=r.uniform_fraction)
     out['hit'] = hit
     return out
 
@@ -86,7 +106,9 @@ class NSMAE(nn.Module):
     volumes = self.view_volumes(feats)
     key = self.make_rng('render') if train else None
     keys = jax.random.split(key, len(rays)) if train else [None] * len(rays)
-    rendered = {name: self.render(volumes[name], r['origins'], r['dirs'], r['near'], k)
+    occupancy = self.occupancy(batch)
+    rendered = {name: self.render(volumes[name], r['origins'], r['dirs'], r['near'], k,
+                                  occupancy)
                 for (name, r), k in zip(sorted(rays.items()), keys)}
     return feats, rendered
 

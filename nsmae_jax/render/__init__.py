@@ -4,6 +4,8 @@ Rays themselves (camera and BEV) come from nsmae_jax.geometry.
 
 sampling.py    near/far from the volume box, stratified samples along rays, trilinear
                interpolation of the fused volume
+guidance.py    LiDAR-guided samples (--sampling=lidar): occupancy grid of the LiDAR returns,
+               inverse-CDF sample placement along rays
 field.py       the field MLP (flax) on [volume feature, encoded point, encoded view direction]
 compositing.py alpha compositing -> colour, expected depth, opacity, weights
 render.py      `render_rays`: the above, vmapped over rays

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from nsmae_jax.render.compositing import composite
+from nsmae_jax.render.guidance import guided_samples
 from nsmae_jax.render.sampling import stratified_samples, trilinear_interpolate
 
 FieldFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -29,7 +30,9 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
                 near: jnp.ndarray, far: jnp.ndarray, num_samples: int, box_min, box_max,
                 key: jax.Array | None = None,
                 background: jnp.ndarray | None = None,
-                remat: bool = False) -> dict[str, jnp.ndarray]:
+                remat: bool = False, occupancy: jnp.ndarray | None = None,
+                coarse_samples: int = 128,
+                uniform_fraction: float = 0.2) -> dict[str, jnp.ndarray]:
   """Renders R rays through each of B fused volumes.
 
   Args:
@@ -43,6 +46,10 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
     remat: rematerialise the samples (interpolated features, field activations) in the backward
       pass instead of keeping them from the forward pass (nn.remat when field_fn is a flax
       module, jax.checkpoint otherwise); same outputs and gradients, less memory.
+    occupancy: [B, Gx, Gy, Gz] LiDAR occupancy grids over box_min/box_max
+      (guidance.occupancy_grid): None = stratified samples; else LiDAR-guided samples
+      (guidance.guided_samples with coarse_samples lookups per ray and uniform_fraction of the
+      pdf spread evenly), the field evaluated only there.
 
   Returns:
     composite() outputs with leading [B, R] plus t [B, R, S].
@@ -52,15 +59,26 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
   jitter = (None if key is None else
             jax.random.uniform(key, (b, r, num_samples), dtype=origins.dtype))
 
-  def samples(fn, *arrays):  # (field, volume, origins, dirs, near, far, jitter)
-    return _evaluate_samples(fn, *arrays, num_samples, box_min, box_max)
+  if occupancy is None:
+    def samples(fn, *arrays):  # (field, volume, origins, dirs, near, far, jitter)
+      return _evaluate_samples(fn, *arrays, num_samples, box_min, box_max)
+  else:
+    # Placement needs no field and no gradient, so it stays outside the rematerialised part.
+    t_guided, deltas_guided = guided_samples(occupancy, origins, dirs, near, far, num_samples,
+                                             coarse_samples, uniform_fraction, box_min,
+                                             box_max, jitter)
 
+    def samples(fn, volume, origins, dirs, t, deltas, unused):
+      del unused
+      return (t, deltas) + _evaluate_at(fn, volume, origins, dirs, t, box_min, box_max)
+
+  arrays = ((near, far, jitter) if occupancy is None else (t_guided, deltas_guided, None))
   evaluate = samples
   if remat and isinstance(field_fn, nn.Module):  # a flax module's params need the lifted form
     evaluate = nn.remat(samples)
   elif remat:
     evaluate = lambda fn, *arrays: jax.checkpoint(functools.partial(samples, fn))(*arrays)
-  t, deltas, density, color = evaluate(field_fn, volume, origins, dirs, near, far, jitter)
+  t, deltas, density, color = evaluate(field_fn, volume, origins, dirs, *arrays)
   out = composite(density, color, t, deltas, far, background)
   out['t'] = t
   return out
@@ -72,7 +90,6 @@ def _evaluate_samples(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarr
                       ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Samples every ray, interpolates the volume there and evaluates the field: t, deltas,
   density [B, R, S] and colour [B, R, S, 3] (float32)."""
-  b, r = origins.shape[:2]
   per_ray = lambda v, o, d, n, f, k: sample_ray(v, o, d, n, f, k, num_samples, box_min, box_max)
   if jitter is None:
     rays_fn = jax.vmap(lambda v, o, d, n, f: per_ray(v, o, d, n, f, None),
@@ -81,9 +98,28 @@ def _evaluate_samples(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarr
   else:
     rays_fn = jax.vmap(per_ray, in_axes=(None, 0, 0, 0, 0, 0))
     t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far, jitter)
-  c = feats.shape[-1]
+  density, color = _field(field_fn, feats, points, dirs)
+  return t, deltas, density, color
+
+
+def _evaluate_at(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray,
+                 dirs: jnp.ndarray, t: jnp.ndarray, box_min, box_max
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The field at given sample distances t [B, R, S]: density [B, R, S], colour
+  [B, R, S, 3] (float32)."""
+  points = origins[:, :, None, :] + t[..., None] * dirs[:, :, None, :]        # [B, R, S, 3]
+  b, r, s = t.shape
+  feats = jax.vmap(lambda v, p: trilinear_interpolate(v, p, box_min, box_max))(
+      volume, points.reshape(b, r * s, 3)).reshape(b, r, s, -1)
+  return _field(field_fn, feats, points, dirs)
+
+
+def _field(field_fn: FieldFn, feats: jnp.ndarray, points: jnp.ndarray, dirs: jnp.ndarray
+           ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """One field call on all samples: feats [B, R, S, C], points [B, R, S, 3], dirs [B, R, 3]
+  -> density [B, R, S], colour [B, R, S, 3] (float32)."""
+  b, r, s, c = feats.shape
   density, color = field_fn(feats.reshape(-1, c), points.reshape(-1, 3),
                             jnp.broadcast_to(dirs[:, :, None, :], points.shape).reshape(-1, 3))
-  density = density.reshape(b, r, num_samples).astype(jnp.float32)
-  color = color.reshape(b, r, num_samples, 3).astype(jnp.float32)
-  return t, deltas, density, color
+  return (density.reshape(b, r, s).astype(jnp.float32),
+          color.reshape(b, r, s, 3).astype(jnp.float32))
