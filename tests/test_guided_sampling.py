@@ -191,8 +191,8 @@ def test_model_render_refuses_lidar_sampling_without_occupancy():
                 jnp.ones((1, 3, 3)), jnp.zeros((1, 3)), None, method=model.render)
 
 
-@pytest.mark.slow  # compiles the full pre-training train step (~1-2 min on 2 cores)
-def test_model_with_lidar_sampling_has_finite_loss_and_gradients():
+@pytest.mark.slow  # compiles the train step and the full-view renderer (~2-3 min on 2 cores)
+def test_model_with_lidar_sampling_has_finite_loss_gradients_and_views():
   from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data.fake import fake_batch  # pylint: disable=import-outside-toplevel
   from nsmae_jax.pretrain import losses  # pylint: disable=import-outside-toplevel
@@ -207,3 +207,8 @@ def test_model_with_lidar_sampling_has_finite_loss_and_gradients():
   for name, tree in pretrain.param_groups(grads).items():
     norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree))))
     assert norm > 0 and np.isfinite(norm), name
+  views = losses.render_views(task.model, params, batch)
+  assert views['perspective_depth'].shape == (config.data.image_height, config.data.image_width)
+  assert views['bev_depth'].shape == config.volume_shape[:2]
+  assert all(np.all(np.isfinite(views[k])) for k in ('perspective_color', 'perspective_depth',
+                                                      'bev_color', 'bev_depth'))
