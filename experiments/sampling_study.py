@@ -1,0 +1,249 @@
+r"""Rendered depth error vs field evaluations per ray, with and without LiDAR-guided sampling.
+
+  nice -n 10 python -m experiments.sampling_study \
+      --flagfile=experiments/configs/sampling_study.flags
+
+Two parts, each setting's result kept in --study_dir/results.json (a rerun skips the settings
+already there; a setting's workdir resumes from its checkpoint):
+  train: one short pre-training per --train_settings entry (`sampling:S`, S = samples per ray =
+    field evaluations per ray), scored by the pre-training's held-out eval (val split, unmasked
+    inputs and masked inputs, deterministic samples, the same sampler as in training).
+  eval: the model trained with --eval_model re-scored on the same val split with each
+    --eval_settings sampler: the same field, only the sample placement changes.
+  oracle: no learning: a known field (--oracle_density 1/m times the trilinear interpolation
+    of the val frame's undilated LiDAR occupancy, --occupancy_cell cells) rendered along the val
+    frames' LiDAR rays with each --oracle_settings sampler, against the same field rendered
+    with 4096 stratified samples (the converged depth) and against the LiDAR depth: the
+    quadrature error alone, on a field whose surfaces are where the depth loss puts them.
+Prints markdown tables (docs/lidar_sampling.md holds the measured ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import flags
+import numpy as np
+
+from experiments import data
+from experiments import flags as nsflags
+from nsmae_jax import train
+from nsmae_jax.data import pipeline
+from nsmae_jax.pretrain import pretrain_task
+from nsmae_jax.train import loop, sharding
+
+_STUDY_DIR = flags.DEFINE_string('study_dir', 'runs/sampling_study',
+                                 'Workdirs of the settings and results.json.')
+_TRAIN = flags.DEFINE_list('train_settings', ['stratified:16', 'stratified:32', 'lidar:8',
+                                              'lidar:16'],
+                           'Pre-trainings to run, each sampling:samples_per_ray[:seed] (seed: '
+                           '--seed of the flagfile when left out).')
+_EVAL_MODEL = flags.DEFINE_string('eval_model', 'stratified:32', 'The train setting whose final '
+                                  'model the eval-only sweep re-scores (empty = no sweep).')
+_EVAL = flags.DEFINE_list('eval_settings', ['stratified:8', 'stratified:16', 'stratified:64',
+                                            'lidar:8', 'lidar:16'],
+                          'Samplers of the eval-only sweep, each sampling:samples_per_ray.')
+_ORACLE = flags.DEFINE_list('oracle_settings', ['stratified:8', 'stratified:16', 'stratified:32',
+                                                'stratified:64', 'stratified:128', 'lidar:4',
+                                                'lidar:8', 'lidar:16', 'lidar:32'],
+                            'Samplers of the oracle-field part (empty = skip it).')
+_ORACLE_DENSITY = flags.DEFINE_float('oracle_density', 20.0, 'Density (1/m) of the oracle '
+                                     'field in its occupied cells.')
+
+# Held-out figures reported (eval_summary keys; the pre-training eval's names).
+METRICS = ('depth_abs_rel', 'perspective_depth_loss', 'perspective_psnr', 'bev_depth_loss',
+           'masked_depth_abs_rel', 'masked_perspective_depth_loss')
+# Also scored on the training split (prefixed 'fit_').
+FIT = ('depth_abs_rel', 'perspective_depth_loss')
+
+
+def _setting(name: str) -> dict:
+  """'sampling:S[:seed]' -> config overrides."""
+  sampling, samples, *seed = name.split(':')
+  out = dict(sampling=sampling, num_samples=int(samples))
+  if seed:
+    out['seed'] = int(seed[0])
+  return out
+
+
+def _load(path: str) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {'train': {}, 'eval': {}}
+
+
+def _save(path: str, results: dict) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def _train(base, name: str) -> tuple[dict, dict]:
+  """Pre-trains one setting; -> (held-out metrics, the final params)."""
+  config = base.replace(**_setting(name),
+                        workdir=os.path.join(_STUDY_DIR.value, name.replace(':', '_')))
+  start = time.time()
+  state, metrics = train.train_and_evaluate(config, config.train.workdir, pretrain_task(config))
+  out = {k: metrics[f'eval_{k}'] for k in METRICS if f'eval_{k}' in metrics}
+  out['wall_s'] = round(time.time() - start, 1)   # compile + train + held-out eval
+  out.update(_fit(base, state.params, name))
+  return out, state.params
+
+
+def _rescore(base, params, name: str, split: str = 'val') -> dict:
+  """The pre-training eval's figures of `params` with the sampler `name` on `split` (all of it
+  with --eval_batches=0)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  config = base.replace(**{k: v for k, v in _setting(name).items() if k != 'seed'})
+  task = pretrain_task(config)
+  parallel = sharding.make(config.train.parallelism, task.loss_fn)
+  rng = jax.random.split(jax.random.PRNGKey(config.train.seed), 4)[2]   # the loop's eval rng
+  start = time.time()
+  iterator = pipeline.make_eval_iterator(config, split=split)
+  try:
+    summary = loop.evaluate(task, parallel, parallel.replicate(params), parallel.replicate(rng),
+                            iterator, config.train.eval_batches)
+  finally:
+    iterator.close()
+  out = {k: float(summary[k]) for k in METRICS if k in summary}
+  out['wall_s'] = round(time.time() - start, 1)
+  return out
+
+
+def _fit(base, params, name: str) -> dict:
+  """Depth error on the training split (the fit, where the field has seen the scene)."""
+  r = _rescore(base, params, name, split='train')
+  return {f'fit_{k}': r[k] for k in FIT}
+
+
+def _oracle(base, name: str) -> dict:
+  """Depth error of the oracle field (module docstring) on the val split's perspective LiDAR
+  rays (--perspective_rays / 2 per frame) with the sampler `name`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.pretrain import targets  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render import box_near_far, render_rays  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render import guidance  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render.sampling import trilinear_interpolate  # pylint: disable=import-outside-toplevel
+  config = base.replace(**_setting(name))
+  r, (lo, hi) = config.render, config.volume_bounds
+  guide = guidance.grid_shape(lo, hi, r.occupancy_cell)
+
+  @jax.jit
+  def errors(batch, key):
+    view = targets.draw_rays(config, key, batch)['perspective']
+    grid = lambda p, v, shape, d: jax.vmap(
+        lambda p, v: guidance.occupancy_grid(p[:, :3], v, lo, hi, shape, d))(p, v)
+    sharp = grid(batch['points'], batch['points_mask'], guide, 0)[0][..., None]
+    occ = (grid(batch['points'], batch['points_mask'], guide, r.occupancy_dilation)
+           if r.sampling == 'lidar' else None)
+    field = lambda f, p, d: (
+        _ORACLE_DENSITY.value * trilinear_interpolate(sharp, p, lo, hi)[:, 0], jnp.zeros_like(p))
+    n, f, hit = box_near_far(view['origins'], view['dirs'], lo, hi, view['near'])
+    render = lambda s, occ: render_rays(
+        field, jnp.zeros((1, 2, 2, 2, 1)), view['origins'], view['dirs'], n, f, s, lo, hi, None,
+        occupancy=occ, coarse_samples=r.coarse_samples,
+        uniform_fraction=r.uniform_fraction)['depth']
+    depth, converged = render(r.num_samples, occ), render(4096, None)
+    ok = (view['depth_valid'] & hit).astype(jnp.float32)
+    err = jnp.abs(depth - view['depth'])
+    return (jnp.sum(jnp.abs(depth - converged) * ok), jnp.sum(err * ok),
+            jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok))
+
+  start, sums = time.time(), np.zeros(4)
+  iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1),
+                                         num_local_devices=1)
+  try:
+    for i, batch in enumerate(iterator):
+      ex = {k: jnp.asarray(batch[k][0]) for k in ('images', 'intrinsics', 'cam2lidar', 'points',
+                                                   'points_mask')}
+      sums += np.array([float(x) for x in errors(ex, jax.random.PRNGKey(i))])
+  finally:
+    iterator.close()
+  sums = sums.tolist()
+  return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
+              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]),
+              wall_s=round(time.time() - start, 1))
+
+
+def table(results: dict) -> str:
+  """Markdown tables of results.json: seeds of a setting averaged (n = seeds; +- = half the
+  range over seeds when n > 1)."""
+  head = ('| setting | field evals / ray | n | depth AbsRel | L1 depth (m) | PSNR (dB) | BEV L1 '
+          'depth (m) | masked AbsRel | masked L1 (m) | train-split AbsRel | train-split L1 (m) | '
+          'wall (s) |\n' + '|---' * 12 + '|\n')
+
+  def rows(part):
+    groups = {}
+    for name, r in results[part].items():
+      groups.setdefault(':'.join(name.split(':')[:2]), []).append(r)
+    out = ''
+    for name, rs in groups.items():
+      cells = []
+      for k in METRICS + tuple(f'fit_{k}' for k in FIT) + ('wall_s',):
+        v = np.array([r.get(k, np.nan) for r in rs])
+        fmt = '.0f' if k == 'wall_s' else '.3f'
+        cell = f'{v.mean():{fmt}}'
+        if len(v) > 1 and k != 'wall_s':
+          cell += f' +- {(v.max() - v.min()) / 2:{fmt}}'
+        cells.append(cell)
+      out += (f'| {name} | {_setting(name)["num_samples"]} | {len(rs)} | ' + ' | '.join(cells)
+              + ' |\n')
+    return out
+
+  out = '### Pre-trained and scored with each sampler\n\n' + head + rows('train')
+  if results.get('oracle'):
+    out += ('\n### Oracle field (no learning): quadrature error alone\n\n| setting | field evals / '
+            'ray | L1 vs converged (m) | L1 vs LiDAR (m) | AbsRel vs LiDAR | rays |\n'
+            '|---|---|---|---|---|---|\n')
+    out += ''.join(f'| {name} | {_setting(name)["num_samples"]} | {o["vs_converged"]:.3f} | '
+                   f'{o["perspective_depth_loss"]:.3f} | {o["depth_abs_rel"]:.3f} | {o["rays"]} |\n'
+                   for name, o in results['oracle'].items())
+  if results['eval']:
+    out += (f'\n### The {results.get("eval_model", "")} model re-scored with each sampler\n\n'
+            + head + rows('eval'))
+  return out
+
+
+def main(argv):
+  del argv
+  base = nsflags.config_from_flags()
+  data.ensure_data(base)   # also the persistent compilation cache
+  os.makedirs(_STUDY_DIR.value, exist_ok=True)
+  path = os.path.join(_STUDY_DIR.value, 'results.json')
+  results = _load(path)
+  results.setdefault('oracle', {})
+  for name in _ORACLE.value:
+    if name not in results['oracle']:
+      results['oracle'][name] = _oracle(base, name)
+      _save(path, results)
+    print('oracle', name, results['oracle'][name], flush=True)
+  params = {}
+  for name in _TRAIN.value:
+    if name in results['train'] and name != _EVAL_MODEL.value:
+      continue
+    # A finished workdir resumes at its last step and only returns the params (no new eval).
+    metrics, params[name] = _train(base, name)
+    if name not in results['train']:
+      results['train'][name] = metrics
+      _save(path, results)
+    print(name, results['train'][name], flush=True)
+  if _EVAL_MODEL.value:
+    if _EVAL_MODEL.value not in params:
+      raise SystemExit(f'--eval_model={_EVAL_MODEL.value} is not among --train_settings')
+    results['eval_model'] = _EVAL_MODEL.value
+    for name in _EVAL.value:
+      if name not in results['eval']:
+        results['eval'][name] = _rescore(base, params[_EVAL_MODEL.value], name)
+        results['eval'][name].update(_fit(base, params[_EVAL_MODEL.value], name))
+        _save(path, results)
+      print('eval', name, results['eval'][name], flush=True)
+  print(table(results))
+
+
+if __name__ == '__main__':
+  nsflags.adopt_into_main()
+  nsflags.run(main)
