@@ -8,6 +8,10 @@ already there; a setting's workdir resumes from its checkpoint):
   train: one short pre-training per --train_settings entry (`sampling:S`, S = samples per ray =
     field evaluations per ray), scored by the pre-training's held-out eval (val split, unmasked
     inputs and masked inputs, deterministic samples, the same sampler as in training).
+  cross: every trained model re-scored on the val split with the --cross_eval sampler: the
+    field each setting learned, judged by one common dense sampler. Needed because a
+    LiDAR-guided render puts its samples at the depth target's surface by construction; its own
+    depth error can then be low without the field having learned that surface.
   eval: the model trained with --eval_model re-scored on the same val split with each
     --eval_settings sampler: the same field, only the sample placement changes.
   oracle: no learning: a known field (--oracle_density 1/m times the trilinear interpolation
@@ -45,6 +49,8 @@ _EVAL_MODEL = flags.DEFINE_string('eval_model', 'stratified:32', 'The train sett
 _EVAL = flags.DEFINE_list('eval_settings', ['stratified:8', 'stratified:16', 'stratified:64',
                                             'lidar:8', 'lidar:16'],
                           'Samplers of the eval-only sweep, each sampling:samples_per_ray.')
+_CROSS = flags.DEFINE_string('cross_eval', 'stratified:64', 'The common sampler every trained '
+                             'model is re-scored with (empty = skip).')
 _ORACLE = flags.DEFINE_list('oracle_settings', ['stratified:8', 'stratified:16', 'stratified:32',
                                                 'stratified:64', 'stratified:128', 'lidar:4',
                                                 'lidar:8', 'lidar:16', 'lidar:32'],
@@ -81,15 +87,27 @@ def _save(path: str, results: dict) -> None:
   os.replace(path + '.tmp', path)
 
 
-def _train(base, name: str) -> tuple[dict, dict]:
-  """Pre-trains one setting; -> (held-out metrics, the final params)."""
-  config = base.replace(**_setting(name),
-                        workdir=os.path.join(_STUDY_DIR.value, name.replace(':', '_')))
+def _workdir(name: str) -> str:
+  return os.path.join(_STUDY_DIR.value, name.replace(':', '_'))
+
+
+def _steps_per_s(name: str) -> float:
+  """Median logged training steps/s of a setting's run (compilation excluded)."""
+  with open(os.path.join(_workdir(name), 'metrics.jsonl')) as f:
+    rates = [r['steps_per_second'] for r in map(json.loads, f) if 'steps_per_second' in r]
+  return float(np.median(rates[1:] or rates))   # the first log window holds the compile
+
+
+def _train(base, name: str, fit: bool = True) -> tuple[dict, dict]:
+  """Pre-trains one setting (a finished workdir only restores); -> (held-out metrics, the
+  final params)."""
+  config = base.replace(**_setting(name), workdir=_workdir(name))
   start = time.time()
   state, metrics = train.train_and_evaluate(config, config.train.workdir, pretrain_task(config))
   out = {k: metrics[f'eval_{k}'] for k in METRICS if f'eval_{k}' in metrics}
   out['wall_s'] = round(time.time() - start, 1)   # compile + train + held-out eval
-  out.update(_fit(base, state.params, name))
+  if fit:
+    out.update(_fit(base, state.params, name))
   return out, state.params
 
 
@@ -174,7 +192,7 @@ def table(results: dict) -> str:
   range over seeds when n > 1)."""
   head = ('| setting | field evals / ray | n | depth AbsRel | L1 depth (m) | PSNR (dB) | BEV L1 '
           'depth (m) | masked AbsRel | masked L1 (m) | train-split AbsRel | train-split L1 (m) | '
-          'wall (s) |\n' + '|---' * 12 + '|\n')
+          'steps/s | wall (s) |\n' + '|---' * 13 + '|\n')
 
   def rows(part):
     groups = {}
@@ -183,11 +201,11 @@ def table(results: dict) -> str:
     out = ''
     for name, rs in groups.items():
       cells = []
-      for k in METRICS + tuple(f'fit_{k}' for k in FIT) + ('wall_s',):
+      for k in METRICS + tuple(f'fit_{k}' for k in FIT) + ('steps_per_s', 'wall_s'):
         v = np.array([r.get(k, np.nan) for r in rs])
-        fmt = '.0f' if k == 'wall_s' else '.3f'
-        cell = f'{v.mean():{fmt}}'
-        if len(v) > 1 and k != 'wall_s':
+        fmt = {'wall_s': '.0f', 'steps_per_s': '.1f'}.get(k, '.3f')
+        cell = '-' if np.all(np.isnan(v)) else f'{v.mean():{fmt}}'
+        if len(v) > 1 and k not in ('wall_s', 'steps_per_s') and cell != '-':
           cell += f' +- {(v.max() - v.min()) / 2:{fmt}}'
         cells.append(cell)
       out += (f'| {name} | {_setting(name)["num_samples"]} | {len(rs)} | ' + ' | '.join(cells)
@@ -202,6 +220,9 @@ def table(results: dict) -> str:
     out += ''.join(f'| {name} | {_setting(name)["num_samples"]} | {o["vs_converged"]:.3f} | '
                    f'{o["perspective_depth_loss"]:.3f} | {o["depth_abs_rel"]:.3f} | {o["rays"]} |\n'
                    for name, o in results['oracle'].items())
+  if results.get('cross'):
+    out += (f'\n### Each trained model re-scored with {results.get("cross_eval", "")}\n\n'
+            + head.replace('| setting |', '| trained with |') + rows('cross'))
   if results['eval']:
     out += (f'\n### The {results.get("eval_model", "")} model re-scored with each sampler\n\n'
             + head + rows('eval'))
@@ -223,17 +244,25 @@ def main(argv):
     print('oracle', name, results['oracle'][name], flush=True)
   params = {}
   for name in _TRAIN.value:
-    if name in results['train'] and name != _EVAL_MODEL.value:
-      continue
-    # A finished workdir resumes at its last step and only returns the params (no new eval).
-    metrics, params[name] = _train(base, name)
     if name not in results['train']:
-      results['train'][name] = metrics
-      _save(path, results)
+      results['train'][name], params[name] = _train(base, name)
+    results['train'][name]['steps_per_s'] = _steps_per_s(name)
+    _save(path, results)
     print(name, results['train'][name], flush=True)
+  results.setdefault('cross', {})
+  results['cross_eval'] = _CROSS.value
+  for name in _TRAIN.value if _CROSS.value else ():
+    if name not in results['cross']:
+      if name not in params:
+        params[name] = _train(base, name, fit=False)[1]
+      results['cross'][name] = _rescore(base, params[name], _CROSS.value)
+      _save(path, results)
+    print('cross', name, results['cross'][name], flush=True)
   if _EVAL_MODEL.value:
-    if _EVAL_MODEL.value not in params:
+    if _EVAL_MODEL.value not in _TRAIN.value:
       raise SystemExit(f'--eval_model={_EVAL_MODEL.value} is not among --train_settings')
+    if _EVAL_MODEL.value not in params:
+      params[_EVAL_MODEL.value] = _train(base, _EVAL_MODEL.value, fit=False)[1]
     results['eval_model'] = _EVAL_MODEL.value
     for name in _EVAL.value:
       if name not in results['eval']:
