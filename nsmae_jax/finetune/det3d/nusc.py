@@ -115,22 +115,53 @@ def split_sample_tokens(dataroot: str, version: str, eval_set: str) -> list[str]
           if nusc.get('scene', s['scene_token'])['name'] in scenes]
 
 
+def detection_config(config_name: str = 'detection_cvpr_2019', max_range: float | None = None):
+  """The devkit's DetectionConfig `config_name`; max_range (m) caps every class's evaluation
+  range (the devkit drops ground truth and predictions farther from the ego vehicle), e.g. to
+  score only what a BEV grid smaller than the official 40-50 m ranges can see (a diagnostic:
+  the official score keeps config_name's ranges)."""
+  # pylint: disable=import-outside-toplevel
+  from nuscenes.eval.common.config import config_factory
+  from nuscenes.eval.detection.data_classes import DetectionConfig
+  cfg = config_factory(config_name)
+  if max_range is None:
+    return cfg
+  if max_range <= 0:
+    raise ValueError(f'max_range must be positive (m), got {max_range}')
+  d = cfg.serialize()
+  d['class_range'] = {k: min(float(v), float(max_range)) for k, v in d['class_range'].items()}
+  return DetectionConfig.deserialize(d)
+
+
+def zero_velocity_results(results_path: str, out_path: str) -> str:
+  """Copies a detection result JSON with every velocity set to 0 and the attribute chosen for a
+  standing object: what a detector that never guesses motion would score (diagnostic for
+  protocols whose input carries no motion, e.g. one LiDAR sweep). Returns out_path."""
+  with open(results_path) as f:
+    sub = json.load(f)
+  for entries in sub['results'].values():
+    for e in entries:
+      e['velocity'] = [0.0, 0.0]
+      e['attribute_name'] = attribute_name(e['detection_name'], 0.0)
+  return write_results(out_path, sub['results'], sub.get('meta'))
+
+
 def evaluate(results_path: str, dataroot: str, version: str, eval_set: str = 'val',
-             output_dir: str | None = None, config_name: str = 'detection_cvpr_2019'
-             ) -> dict[str, float]:
+             output_dir: str | None = None, config_name: str = 'detection_cvpr_2019',
+             max_range: float | None = None) -> dict[str, float]:
   """Scores a result JSON with the devkit's DetectionEval; returns flat metrics.
 
   Keys: 'map', 'nds', 'mate', 'mase', 'maoe', 'mave', 'maae', and per class 'ap_<class>' (mean
   over the distance thresholds) and '<tp>_<class>' (tp in ate, ase, aoe, ave, aae; left out
   where the devkit defines none, e.g. attributes of cones). Also writes metrics_summary.json to
-  output_dir (default: beside the results).
+  output_dir (default: beside the results). max_range: see detection_config (None = the
+  official ranges).
   """
-  # pylint: disable=import-outside-toplevel
-  from nuscenes.eval.common.config import config_factory
-  from nuscenes.eval.detection.evaluate import DetectionEval
+  from nuscenes.eval.detection.evaluate import DetectionEval  # pylint: disable=C0415
   output_dir = output_dir or os.path.dirname(os.path.abspath(results_path))
   os.makedirs(output_dir, exist_ok=True)
-  evaluator = DetectionEval(load_nuscenes(dataroot, version), config_factory(config_name),
+  evaluator = DetectionEval(load_nuscenes(dataroot, version),
+                            detection_config(config_name, max_range),
                             results_path, eval_set, output_dir=output_dir, verbose=False)
   metrics, _ = evaluator.evaluate()
   serialized = metrics.serialize()
