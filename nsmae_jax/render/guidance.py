@@ -23,6 +23,14 @@ def grid_shape(box_min, box_max, cell: float) -> tuple[int, int, int]:
   return tuple(max(1, int(round((hi - lo) / cell))) for lo, hi in zip(box_min, box_max))
 
 
+def _cell_index(points: jnp.ndarray, box_min, box_max, size: jnp.ndarray
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """[N, 3] points -> (integer cell indices [N, 3] of a `size` grid over the box, inside [N])."""
+  lo, hi = jnp.asarray(box_min, points.dtype), jnp.asarray(box_max, points.dtype)
+  idx = jnp.floor((points - lo) / (hi - lo) * size).astype(jnp.int32)
+  return idx, jnp.all((idx >= 0) & (idx < size), axis=-1)
+
+
 def occupancy_grid(points: jnp.ndarray, valid: jnp.ndarray, box_min, box_max,
                    shape: tuple[int, int, int], dilation: int = 1) -> jnp.ndarray:
   """Marks the cells holding a LiDAR return, dilated by `dilation` cells.
@@ -40,9 +48,8 @@ def occupancy_grid(points: jnp.ndarray, valid: jnp.ndarray, box_min, box_max,
     [X, Y, Z] float32, 1 in occupied (or dilated) cells, else 0.
   """
   size = jnp.array(shape)
-  lo, hi = jnp.asarray(box_min, jnp.float32), jnp.asarray(box_max, jnp.float32)
-  idx = jnp.floor((points.astype(jnp.float32) - lo) / (hi - lo) * size).astype(jnp.int32)
-  inside = valid.astype(bool) & jnp.all((idx >= 0) & (idx < size), axis=-1)
+  idx, inside = _cell_index(points.astype(jnp.float32), box_min, box_max, size)
+  inside = valid.astype(bool) & inside
   flat = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
   n = shape[0] * shape[1] * shape[2]
   # One scatter for all points; the points outside go to index n and are dropped.
@@ -58,9 +65,7 @@ def occupancy_lookup(grid: jnp.ndarray, points: jnp.ndarray, box_min, box_max) -
   """Nearest-cell occupancy of [N, 3] points (LiDAR frame) in grid [X, Y, Z] -> [N]; points
   outside the box read 0."""
   size = jnp.array(grid.shape)
-  lo, hi = jnp.asarray(box_min, points.dtype), jnp.asarray(box_max, points.dtype)
-  idx = jnp.floor((points - lo) / (hi - lo) * size).astype(jnp.int32)
-  inside = jnp.all((idx >= 0) & (idx < size), axis=-1)
+  idx, inside = _cell_index(points, box_min, box_max, size)
   idx = jnp.clip(idx, 0, size - 1)
   return jnp.where(inside, grid[idx[:, 0], idx[:, 1], idx[:, 2]], 0.0)
 
