@@ -51,6 +51,22 @@ def _wait_for_checkpoint(workdir, step, timeout=120.0):
     time.sleep(0.05)
 
 
+def _sigterm(count):
+  """Sends `count` SIGTERMs to this process, each one handled before the next is sent.
+
+  Signals are not queued: two kills in a row can reach the process (or CPython's handler) as one,
+  so after each kill this waits until the installed handler (the loop's Preemption) counted it.
+  """
+  for _ in range(count):
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, '__self__', None)
+    before = getattr(owner, 'signals', None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + 30.0
+    while before is not None and owner.signals == before and time.time() < deadline:
+      time.sleep(0.01)
+
+
 class Interrupting(FakeIterator):
   """Delivers a signal to this process when batch `at` is requested (a deterministic 'kill')."""
 
@@ -62,7 +78,9 @@ class Interrupting(FakeIterator):
     if self.index == self.at:
       if self.sig == signal.SIGKILL:
         _wait_for_checkpoint(args.workdir, 3)
-      for _ in range(args.term_count if self.sig == signal.SIGTERM else 1):
+      if self.sig == signal.SIGTERM:
+        _sigterm(args.term_count)
+      else:
         os.kill(os.getpid(), self.sig)
     if args.batch_sleep:
       time.sleep(args.batch_sleep)
@@ -77,8 +95,7 @@ if args.term_in_save >= 0:
     """Two SIGTERMs while orbax writes `step` in the background (after its save() returns)."""
     saved = _orbax_save(self, step, *a, **kw)
     if step == args.term_in_save:
-      os.kill(os.getpid(), signal.SIGTERM)
-      os.kill(os.getpid(), signal.SIGTERM)
+      _sigterm(2)
     return saved
 
   ocp.CheckpointManager.save = _save_then_terminate
