@@ -227,8 +227,9 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
     raise ConfigError(f'--drop_modality: removes a sensor from the joint grid\'s models; '
                       f'--modalities={config.finetune.modalities} has none to remove')
   # Pre-training is joint whatever the fine-tuning reads: every grid shares it.
+  # Nor does it read the fine-tuning augmentation: a grid with --augment shares it too.
   pre_cfg = config.replace(num_train_steps=pretrain_steps or config.train.num_train_steps,
-                           modalities=report.JOINT, drop_modality='')
+                           modalities=report.JOINT, drop_modality='', augment=False)
   for ab in ([] if drop else [''] * any(i != 'scratch' for i in inits) + list(ablations)):
     wd = pretrain_dir(results_dir, ab)
     cfg = pre_cfg.replace(workdir=wd, **ablation_overrides(ab, pre_cfg))

@@ -243,6 +243,10 @@ class FinetuneConfig:
                        'other sensor and never reads its input; the present encoders and fusion '
                        'layers restore from the joint pre-training (pre-training is always '
                        'joint).', check=one_of('camera,lidar', 'camera', 'lidar'))
+  augment: bool = _f(False, 'Global BEV augmentation of the fine-tuning training examples: '
+                     'per example a seeded rotation (|theta| <= 45 deg), x/y flips and scale '
+                     '0.95-1.05 applied to points, boxes, map labels and cam2lidar together '
+                     '(nsmae_jax.data.augment); evaluation is never augmented.')
   drop_modality: str = _f('', 'Evaluation with a sensor missing: camera (black images) or lidar '
                           '(no points) is fed to a joint model at eval time only; empty = off.',
                           check=lambda x: None if x in ('', 'camera', 'lidar') else

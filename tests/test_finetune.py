@@ -133,6 +133,26 @@ def test_negative_backbone_lr_scale_names_the_flag():
     tiny_config().replace(backbone_lr_scale=-0.1).validate()
 
 
+@pytest.mark.parametrize('augment', [False, True])
+def test_augment_flag_reaches_the_training_pipeline_of_both_tasks(augment):
+  """--augment hands the loop's make_train_iterator call an Augmentation for segmentation and
+  detection alike (never for evaluation, which takes no such argument)."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.finetune.det3d import det3d_task  # pylint: disable=import-outside-toplevel
+  config = tiny_config().replace(augment=augment, label_fraction=0.5)
+  for task in (bevseg_task(config), det3d_task(config)):
+    kwargs = task.train_data_kwargs
+    inspect.signature(pipeline.make_train_iterator).bind(config, **kwargs)  # as the loop calls
+    assert kwargs['label_fraction'] == 0.5
+    if augment:
+      assert kwargs['augmentation'] == augment_lib.Augmentation(), task.name
+    else:
+      assert kwargs['augmentation'] is None, task.name
+  assert 'augmentation' not in inspect.signature(pipeline.make_eval_iterator).parameters
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_finetune_loop_end_to_end(tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 from flax import jax_utils
 
 from nsmae_jax.config import Config, ConfigError
+from nsmae_jax.data import augment
 from nsmae_jax.data.fake import fake_batch
 from nsmae_jax.finetune import metrics as metrics_lib
 from nsmae_jax.finetune.head import BEVSegModel, seg_loss
@@ -169,7 +170,8 @@ def bev_panel(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def finetune_task_kwargs(config: Config, workdir: str | None) -> dict[str, Any]:
   """The Task fields every fine-tuning task shares: restore the pre-trained backbone at step 0
-  (reported), the backbone's learning-rate scale, the labelled subset of the training split."""
+  (reported), the backbone's learning-rate scale, the labelled subset of the training split and
+  its augmentation (--augment)."""
   fc = config.finetune
 
   def prepare_params(params):
@@ -184,7 +186,9 @@ def finetune_task_kwargs(config: Config, workdir: str | None) -> dict[str, Any]:
   return dict(prepare_params=prepare_params,
               lr_scales=None if fc.backbone_lr_scale == 1.0 else lr_scales,
               train_data_kwargs=dict(label_fraction=fc.label_fraction,
-                                     subset_seed=fc.subset_seed))
+                                     subset_seed=fc.subset_seed,
+                                     augmentation=(augment.Augmentation() if fc.augment
+                                                   else None)))
 
 
 def save_result(config: Config, workdir: str, result: Mapping[str, Any]) -> None:
@@ -200,7 +204,8 @@ def save_result(config: Config, workdir: str, result: Mapping[str, Any]) -> None
   fc = config.finetune
   with open(os.path.join(workdir, 'result.json'), 'w') as f:
     json.dump(dict(result, init_workdir=fc.init_workdir, label_fraction=fc.label_fraction,
-                   subset_seed=fc.subset_seed, seed=config.train.seed), f, indent=1)
+                   subset_seed=fc.subset_seed, seed=config.train.seed, augment=fc.augment), f,
+              indent=1)
 
 
 def bevseg_task(config: Config, workdir: str | None = None) -> Task:
