@@ -26,6 +26,12 @@ cells <prefix>-camera_<init>_f<fraction>_s<seed> and reports <out_prefix>_camera
 Robustness: --drop_modality=camera (or lidar) trains nothing: it evaluates every finished joint
 cell again with that sensor's input removed (<cell>/drop_camera/result.json) and writes
 <out_prefix>_drop_camera.*.
+
+Augmented fine-tuning: --augment runs the grid (ablation cells included) with the fine-tuning
+augmentation, from the same pre-training (which is never augmented), in cells
+<prefix>[-<modality>]-aug_<init>_f<fraction>_s<seed> (e.g. ft-aug_pretrained_f0.1_s0) and
+reports <out_prefix>[_<modality>]_aug.*; with --drop_modality it evaluates the augmented joint
+cells and writes <out_prefix>_aug_drop_<sensor>.*.
 """
 
 from __future__ import annotations
@@ -245,11 +251,11 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   ft_cfg = config.replace(
       num_train_steps=finetune_steps or config.train.num_train_steps, eval_batches=0,
       learning_rate=finetune_learning_rate or config.train.learning_rate, drop_modality='')
-  mods = config.finetune.modalities
+  mods, aug = config.finetune.modalities, config.finetune.augment
   rows = []
   for task in tasks:
-    prefix = (out_prefix + report.TASKS[task].out_suffix + report.variant_suffix(mods, drop)
-              if out_prefix else report.default_out_prefix(results_dir, task, mods, drop))
+    prefix = (out_prefix + report.TASKS[task].out_suffix + report.variant_suffix(mods, drop, aug)
+              if out_prefix else report.default_out_prefix(results_dir, task, mods, drop, aug))
     if drop:
       rows = _drop_cells(ft_cfg, results_dir, cells, task, drop, prefix, log, in_process)
     else:
@@ -258,9 +264,11 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
 
 
 def _cell_config(ft_cfg, results_dir: str, init: str, fraction: float, seed: int, task: str):
-  """(workdir, config) of one fine-tuning cell."""
-  wd = os.path.join(results_dir, report.cell_name(init, fraction, seed, task,
-                                                  ft_cfg.finetune.modalities))
+  """(workdir, config) of one fine-tuning cell (its variant: ft_cfg's modalities and
+  augmentation)."""
+  fc = ft_cfg.finetune
+  wd = os.path.join(results_dir, report.cell_name(init, fraction, seed, task, fc.modalities,
+                                                  fc.augment))
   ablation = init.split(':')[1] if ':' in init else ''
   init_wd = '' if init == 'scratch' else pretrain_dir(results_dir, ablation)
   return wd, ft_cfg.replace(workdir=wd, init_workdir=init_wd, label_fraction=fraction,
@@ -269,8 +277,10 @@ def _cell_config(ft_cfg, results_dir: str, init: str, fraction: float, seed: int
 
 def _drop_cells(ft_cfg, results_dir: str, cells, task: str, drop: str, out_prefix: str, log,
                 in_process: bool) -> list[dict]:
-  """Evaluates every finished joint cell of `task` with the `drop` sensor removed, once
-  (<cell>/drop_<drop>/result.json); rewrites the sensor-drop report after each."""
+  """Evaluates every finished joint cell of `task` (of the augmented grid if ft_cfg augments)
+  with the `drop` sensor removed, once (<cell>/drop_<drop>/result.json); rewrites the
+  sensor-drop report after each."""
+  aug = ft_cfg.finetune.augment
   for init, fraction, seed in cells:
     wd, cfg = _cell_config(ft_cfg, results_dir, init, fraction, seed, task)
     check_same_settings(wd, cfg)
@@ -296,10 +306,10 @@ def _drop_cells(ft_cfg, results_dir: str, cells, task: str, drop: str, out_prefi
                drop_modality=drop)
     with open(done, 'w') as f:
       json.dump(res, f, indent=1)
-    report.write_summary(report.collect(results_dir, cells, task, drop=drop), out_prefix,
-                         task=task, drop=drop)
-  rows = report.collect(results_dir, cells, task, drop=drop)
-  report.write_summary(rows, out_prefix, task=task, drop=drop)
+    report.write_summary(report.collect(results_dir, cells, task, drop=drop, augment=aug),
+                         out_prefix, task=task, drop=drop, augment=aug)
+  rows = report.collect(results_dir, cells, task, drop=drop, augment=aug)
+  report.write_summary(rows, out_prefix, task=task, drop=drop, augment=aug)
   return rows
 
 
@@ -322,7 +332,7 @@ def evaluate_dropped(config, workdir: str, task: str) -> dict:
 def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
                in_process: bool) -> list[dict]:
   """Runs the unfinished fine-tuning cells of one task; rewrites its report after each."""
-  mods = ft_cfg.finetune.modalities
+  mods, aug = ft_cfg.finetune.modalities, ft_cfg.finetune.augment
   for init, fraction, seed in cells:
     wd, cfg = _cell_config(ft_cfg, results_dir, init, fraction, seed, task)
     check_same_settings(wd, cfg)
@@ -344,10 +354,10 @@ def _run_cells(ft_cfg, results_dir: str, cells, task: str, out_prefix: str, log,
     headline = ', '.join(f'{label} {100 * res.get(f"eval_{m}", float("nan")):.2f}'
                          for m, label in report.TASKS[task].headlines)
     log(f'   {headline} in {res["wall_s"]:.0f} s')
-    report.write_summary(report.collect(results_dir, cells, task, mods), out_prefix, task=task,
-                         modalities=mods)
-  rows = report.collect(results_dir, cells, task, mods)
-  report.write_summary(rows, out_prefix, task=task, modalities=mods)
+    report.write_summary(report.collect(results_dir, cells, task, mods, augment=aug),
+                         out_prefix, task=task, modalities=mods, augment=aug)
+  rows = report.collect(results_dir, cells, task, mods, augment=aug)
+  report.write_summary(rows, out_prefix, task=task, modalities=mods, augment=aug)
   return rows
 
 

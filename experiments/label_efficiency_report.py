@@ -14,9 +14,12 @@ Single-modality grids (--modalities=camera or lidar) have their own cells, <pref
 (e.g. ft-camera_pretrained_f0.05_s0), and reports, <out_prefix>_<modality>.*; the joint grid's
 names are unchanged, so neither can read the other's cells. A sensor-drop evaluation
 (--drop_modality=camera|lidar) of the joint cells stores <cell>/drop_<sensor>/result.json and is
-reported as <out_prefix>_drop_<sensor>.*, beside the single-modality reports. The runner
-rewrites the report after every cell; run this module alone to rewrite it from an existing
-results directory (e.g. after editing the format), without JAX or a training.
+reported as <out_prefix>_drop_<sensor>.*, beside the single-modality reports. A grid fine-tuned
+with --augment likewise has its own cells, <prefix>[-<modality>]-aug_... (e.g.
+det3d-aug_scratch_f0.05_s1, ft-camera-aug_pretrained_f0.1_s0), and reports,
+<out_prefix>[_<modality>]_aug[_drop_<sensor>].*. The runner rewrites the report after every cell;
+run this module alone to rewrite it from an existing results directory (e.g. after editing the
+format), without JAX or a training.
 
 This module owns the results directory's cell naming, so the runner imports it and not the other
 way round.
@@ -79,24 +82,29 @@ CSV_FIELDS = TASKS['bevseg'].csv_fields
 JOINT = 'camera,lidar'
 
 
-def _cell_prefix(task: str, modalities: str) -> str:
-  """ft / det3d for the joint model, ft-camera, det3d-lidar, ... for a single modality: a
-  single-modality cell never matches the joint grid's pattern, nor the other way round."""
-  return TASKS[task].cell_prefix + ('' if modalities == JOINT else f'-{modalities}')
+def _cell_prefix(task: str, modalities: str, augment: bool = False) -> str:
+  """ft / det3d for the joint model, ft-camera, det3d-lidar, ... for a single modality, then
+  -aug for a grid fine-tuned with augmentation (ft-aug, ft-camera-aug): no variant's cell
+  matches another variant's pattern."""
+  return (TASKS[task].cell_prefix + ('' if modalities == JOINT else f'-{modalities}') +
+          ('-aug' if augment else ''))
 
 
-def _cell_dir(task: str, modalities: str = JOINT) -> re.Pattern:
+def _cell_dir(task: str, modalities: str = JOINT, augment: bool = False) -> re.Pattern:
   # <prefix>_<init>_f<fraction>_s<seed>; an ablation init 'pretrained:<ablation>' is written
-  # with '-' because ':' is not portable in file names.
-  return re.compile(re.escape(_cell_prefix(task, modalities)) +
+  # with '-' because ':' is not portable in file names. Every variant's part of the prefix
+  # starts with '-' and the prefix must be followed by '_', so ft_... never reads ft-aug_... or
+  # ft-camera_..., and ft-camera_... never reads ft-camera-aug_...
+  return re.compile(re.escape(_cell_prefix(task, modalities, augment)) +
                     r'_(?P<init>.+)_f(?P<fraction>[^_]+)_s(?P<seed>\d+)')
 
 
 def cell_name(init: str, fraction: float, seed: int, task: str = 'bevseg',
-              modalities: str = JOINT) -> str:
-  """The directory name of a fine-tuning cell of `task` (with `modalities`) under the results
-  directory."""
-  return f'{_cell_prefix(task, modalities)}_{init.replace(":", "-")}_f{fraction:g}_s{seed}'
+              modalities: str = JOINT, augment: bool = False) -> str:
+  """The directory name of a fine-tuning cell of `task` (with `modalities`, fine-tuned with
+  augmentation if `augment`) under the results directory."""
+  return (f'{_cell_prefix(task, modalities, augment)}_{init.replace(":", "-")}'
+          f'_f{fraction:g}_s{seed}')
 
 
 def result_path(cell_dir: str, drop: str = '') -> str:
@@ -104,9 +112,11 @@ def result_path(cell_dir: str, drop: str = '') -> str:
   return os.path.join(cell_dir, f'drop_{drop}' if drop else '', 'result.json')
 
 
-def variant_suffix(modalities: str = JOINT, drop: str = '') -> str:
-  """What a report's name adds for a single-modality grid or a sensor-drop evaluation."""
-  return ('' if modalities == JOINT else f'_{modalities}') + (f'_drop_{drop}' if drop else '')
+def variant_suffix(modalities: str = JOINT, drop: str = '', augment: bool = False) -> str:
+  """What a report's name adds for a single-modality grid, an augmented grid and a sensor-drop
+  evaluation (of that grid's cells), in this order: _camera_aug_drop_lidar."""
+  return (('' if modalities == JOINT else f'_{modalities}') + ('_aug' if augment else '') +
+          (f'_drop_{drop}' if drop else ''))
 
 
 def _init_rank(init: str) -> tuple[bool, str]:
@@ -114,13 +124,13 @@ def _init_rank(init: str) -> tuple[bool, str]:
   return init != 'scratch', init
 
 
-def find_cells(results_dir: str, task: str = 'bevseg',
-               modalities: str = JOINT) -> list[tuple[str, float, int]]:
-  """(init, fraction, seed) of every cell directory of `task` (with `modalities`) under
-  `results_dir`, in the runner's plan order: seed-major (seed, fraction, scratch before
-  pre-trained), ablation cells last."""
+def find_cells(results_dir: str, task: str = 'bevseg', modalities: str = JOINT,
+               augment: bool = False) -> list[tuple[str, float, int]]:
+  """(init, fraction, seed) of every cell directory of `task` (with `modalities`, augmented or
+  not) under `results_dir`, in the runner's plan order: seed-major (seed, fraction, scratch
+  before pre-trained), ablation cells last."""
   cells = []
-  pattern = _cell_dir(task, modalities)
+  pattern = _cell_dir(task, modalities, augment)
   for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
     m = pattern.fullmatch(name)
     if m and os.path.isdir(os.path.join(results_dir, name)):
@@ -154,15 +164,17 @@ def _saved_train_frames(workdir: str, fraction: float) -> int | str:
 
 
 def collect(results_dir: str, cells=None, task: str = 'bevseg', modalities: str = JOINT,
-            drop: str = '') -> list[dict]:
+            drop: str = '', augment: bool = False) -> list[dict]:
   """CSV rows of the finished cells of `task` (those with a result.json) among `cells` (default:
-  every cell directory of the task under `results_dir`, find_cells order); `modalities` picks
-  the grid, `drop` (camera or lidar) its sensor-drop evaluations instead of its results."""
+  every cell directory of the task under `results_dir`, find_cells order); `modalities` and
+  `augment` pick the grid, `drop` (camera or lidar) its sensor-drop evaluations instead of its
+  results."""
   spec = TASKS[task]
   rows = []
-  for init, fraction, seed in (find_cells(results_dir, task, modalities) if cells is None
-                               else cells):
-    workdir = os.path.join(results_dir, cell_name(init, fraction, seed, task, modalities))
+  for init, fraction, seed in (find_cells(results_dir, task, modalities, augment)
+                               if cells is None else cells):
+    workdir = os.path.join(results_dir,
+                           cell_name(init, fraction, seed, task, modalities, augment))
     path = result_path(workdir, drop)
     if not os.path.exists(path):
       continue
@@ -186,13 +198,21 @@ def _stats(values):
 
 
 def write_summary(rows: list[dict], out_prefix: str, title: str = '',
-                  task: str = 'bevseg', modalities: str = JOINT, drop: str = '') -> None:
+                  task: str = 'bevseg', modalities: str = JOINT, drop: str = '',
+                  augment: bool = False) -> None:
   """Writes <out_prefix>.csv, .md and .png from the cell rows of `task` (partial grids too);
-  the default title names a single modality (`modalities`) or a dropped sensor (`drop`)."""
+  the default title names a single modality (`modalities`), a dropped sensor (`drop`) and the
+  fine-tuning augmentation (`augment`)."""
   spec = TASKS[task]
-  if modalities != JOINT or drop:
-    what = f'{modalities} only' if modalities != JOINT else f'joint model, {drop} removed at eval'
-    spec = dataclasses.replace(spec, title=spec.title[:-1] + f'; {what})')
+  what = []
+  if modalities != JOINT:
+    what.append(f'{modalities} only')
+  if drop:
+    what.append(f'joint model, {drop} removed at eval')
+  if augment:
+    what.append('fine-tuned with augmentation')
+  if what:
+    spec = dataclasses.replace(spec, title=spec.title[:-1] + f'; {", ".join(what)})')
   os.makedirs(os.path.dirname(out_prefix) or '.', exist_ok=True)
   fields = spec.csv_fields
   with open(out_prefix + '.csv', 'w', newline='') as f:
@@ -287,9 +307,9 @@ def _plot(groups: dict, spec: TaskReport, path: str, title: str) -> None:
 
 
 def default_out_prefix(results_dir: str, task: str = 'bevseg', modalities: str = JOINT,
-                       drop: str = '') -> str:
+                       drop: str = '', augment: bool = False) -> str:
   return os.path.join(results_dir, 'label_efficiency' + TASKS[task].out_suffix +
-                      variant_suffix(modalities, drop))
+                      variant_suffix(modalities, drop, augment))
 
 
 def _main() -> None:
@@ -310,6 +330,8 @@ def _main() -> None:
                                  'Which grid: the joint one or a single-modality one.')
   drop = flags.DEFINE_enum('drop_modality', '', ['', 'camera', 'lidar'], 'Report the joint '
                            'cells\' evaluations with this sensor removed instead.')
+  augment = flags.DEFINE_bool('augment', False, 'Report the grid fine-tuned with augmentation '
+                              '(cells <prefix>-aug_..., reports ..._aug.*).')
 
   def main(argv):
     if len(argv) > 1:
@@ -317,10 +339,11 @@ def _main() -> None:
     if not os.path.isdir(results_dir.value):
       raise app.UsageError(f'--results_dir: directory {results_dir.value!r} does not exist')
     rows = collect(results_dir.value, task=task.value, modalities=modalities.value,
-                   drop=drop.value)
+                   drop=drop.value, augment=augment.value)
     prefix = out_prefix.value or default_out_prefix(results_dir.value, task.value,
-                                                    modalities.value, drop.value)
-    write_summary(rows, prefix, title.value, task.value, modalities.value, drop.value)
+                                                    modalities.value, drop.value, augment.value)
+    write_summary(rows, prefix, title.value, task.value, modalities.value, drop.value,
+                  augment.value)
     print(f'{len(rows)} finished cells -> {prefix}.csv, .md, .png', flush=True)
 
   app.run(main)

@@ -353,6 +353,66 @@ def test_drop_modality_evaluates_each_finished_joint_cell_once(tmp_path, fake_tr
   assert len(fake_training['finetune']) == 4
 
 
+def test_augmented_grid_has_its_own_cells_and_reports_but_the_shared_pretraining(
+    tmp_path, fake_training, fake_drop_eval):
+  """--augment beside the plain grid in one results dir: cells ft-aug_... / det3d-aug_...
+  (ablation cells too) restored from the same unaugmented pre-trainings, reports
+  <out_prefix>[_det3d]_aug.*; --drop_modality then evaluates the augmented cells, reported as
+  <out_prefix>[_det3d]_aug_drop_<sensor>.*."""
+  res, out = str(tmp_path / 'res'), str(tmp_path / 'docs' / 'le')
+  config = tiny_config(str(tmp_path))
+  kw = dict(tasks=('bevseg', 'det3d'), out_prefix=out, log=lambda s: None, in_process=True)
+  grid = dict(ablations=('no_mask',), ablation_fractions=(0.05,), **kw)
+  le.run_grid(config, res, [1.0], [0], **kw)  # the plain grid first
+  assert len(fake_training['finetune']) == 2 and len(fake_training['det3d']) == 2
+  aug = config.replace(augment=True)
+  rows = le.run_grid(aug, res, [0.05, 1.0], [0], **grid)
+  # The plain pre-training is shared (not refused, not re-run); only the ablation's is new,
+  # and neither is augmented.
+  pre = fake_training['pretrain']
+  assert len(pre) == 2 and not any(c.finetune.augment for c in pre)
+  assert pre[1].train.workdir == le.pretrain_dir(res, 'no_mask')
+  ft, det = fake_training['finetune'][2:], fake_training['det3d'][2:]
+  assert len(ft) == 5 and len(det) == 5
+  assert {c.finetune.augment for c in ft + det} == {True}
+  names = sorted([f'{p}-aug_{i}_f{f:g}_s0' for p in ('ft', 'det3d')
+                  for i in ('scratch', 'pretrained') for f in (0.05, 1.0)] +
+                 [f'{p}-aug_pretrained-no_mask_f0.05_s0' for p in ('ft', 'det3d')])
+  assert sorted(os.path.basename(c.train.workdir) for c in ft + det) == names
+  assert {(os.path.basename(c.train.workdir).split('_', 1)[1], c.finetune.init_workdir)
+          for c in ft} == {('scratch_f0.05_s0', ''), ('scratch_f1_s0', ''),
+                           ('pretrained_f0.05_s0', le.pretrain_dir(res)),
+                           ('pretrained_f1_s0', le.pretrain_dir(res)),
+                           ('pretrained-no_mask_f0.05_s0', le.pretrain_dir(res, 'no_mask'))}
+  assert len(rows) == 5 and {'nds', 'map'} <= set(rows[0])
+  for prefix in (out + '_aug', out + '_det3d_aug'):
+    with open(prefix + '.csv') as f:
+      assert len(list(csv.DictReader(f))) == 5
+    assert os.path.getsize(prefix + '.png') > 1000
+  assert ('# Label efficiency (BEV map segmentation mIoU, %; fine-tuned with augmentation)'
+          in open(out + '_aug.md').read())
+  # The plain grid's cells and reports are untouched, and neither grid reads the other's cells.
+  for prefix in (out, out + '_det3d'):
+    with open(prefix + '.csv') as f:
+      assert len(list(csv.DictReader(f))) == 2
+  assert len(report.collect(res)) == 2 and len(report.collect(res, augment=True)) == 5
+  # Re-running skips every finished cell.
+  le.run_grid(aug, res, [0.05, 1.0], [0], **grid)
+  assert len(pre) == 2 and len(fake_training['finetune']) == 7
+  # Sensor drop on the augmented grid: its cells only, its own reports.
+  rows = le.run_grid(aug.replace(drop_modality='lidar'), res, [0.05, 1.0], [0], **grid)
+  assert len(pre) == 2 and len(fake_training['finetune']) == 7
+  assert sorted(os.path.basename(c.train.workdir) for c, _, _ in fake_drop_eval) == names
+  assert {c.finetune.augment for c, _, _ in fake_drop_eval} == {True}
+  assert len(rows) == 5
+  for prefix in (out + '_aug_drop_lidar', out + '_det3d_aug_drop_lidar'):
+    with open(prefix + '.csv') as f:
+      assert len(list(csv.DictReader(f))) == 5
+  assert ('; joint model, lidar removed at eval, fine-tuned with augmentation)'
+          in open(out + '_aug_drop_lidar.md').read())
+  assert not os.path.exists(out + '_drop_lidar.csv')
+
+
 def _results_dir_from_csv(csv_path: str, results_dir: str) -> None:
   """The result.json files that a grid with the rows of `csv_path` leaves in `results_dir`."""
   with open(csv_path) as f:
@@ -392,6 +452,73 @@ def test_find_cells_orders_like_the_plan_with_ablations_last(tmp_path):
   assert found == cells[:12] + sorted(cells[12:])
   assert ('pretrained:no_bev', 0.05, 1) in found
   assert report.collect(str(tmp_path)) == []  # no result.json: nothing finished
+
+
+def test_augmented_cells_and_reports_have_their_own_names(tmp_path):
+  """-aug after the cell prefix (and its modality), _aug in the report name before a sensor
+  drop; the unaugmented names stay as the existing results directories have them."""
+  assert report.cell_name('pretrained', 0.1, 0, augment=True) == 'ft-aug_pretrained_f0.1_s0'
+  assert report.cell_name('scratch', 0.05, 1, 'det3d', augment=True) == (
+      'det3d-aug_scratch_f0.05_s1')
+  assert report.cell_name('pretrained', 0.1, 0, 'bevseg', 'camera', augment=True) == (
+      'ft-camera-aug_pretrained_f0.1_s0')
+  assert report.cell_name('pretrained:no_bev', 0.05, 2, augment=True) == (
+      'ft-aug_pretrained-no_bev_f0.05_s2')
+  assert report.cell_name('pretrained', 0.1, 0) == 'ft_pretrained_f0.1_s0'
+  assert report.cell_name('scratch', 0.05, 2, 'det3d') == 'det3d_scratch_f0.05_s2'
+  assert report.cell_name('pretrained', 0.1, 0, 'bevseg', 'camera') == (
+      'ft-camera_pretrained_f0.1_s0')
+  r = str(tmp_path)
+  names = {(task, mods, drop, aug): os.path.basename(
+      report.default_out_prefix(r, task, mods, drop, aug))
+           for task in report.TASKS for mods, drop in ((report.JOINT, ''), ('camera', ''),
+                                                       (report.JOINT, 'lidar'))
+           for aug in (False, True)}
+  assert names == {
+      ('bevseg', report.JOINT, '', False): 'label_efficiency',
+      ('bevseg', report.JOINT, '', True): 'label_efficiency_aug',
+      ('bevseg', 'camera', '', False): 'label_efficiency_camera',
+      ('bevseg', 'camera', '', True): 'label_efficiency_camera_aug',
+      ('bevseg', report.JOINT, 'lidar', False): 'label_efficiency_drop_lidar',
+      ('bevseg', report.JOINT, 'lidar', True): 'label_efficiency_aug_drop_lidar',
+      ('det3d', report.JOINT, '', False): 'label_efficiency_det3d',
+      ('det3d', report.JOINT, '', True): 'label_efficiency_det3d_aug',
+      ('det3d', 'camera', '', False): 'label_efficiency_det3d_camera',
+      ('det3d', 'camera', '', True): 'label_efficiency_det3d_camera_aug',
+      ('det3d', report.JOINT, 'lidar', False): 'label_efficiency_det3d_drop_lidar',
+      ('det3d', report.JOINT, 'lidar', True): 'label_efficiency_det3d_aug_drop_lidar'}
+  # The runner's cell of an augmented grid: -aug name, the shared (ablation) pre-training.
+  wd, cfg = le._cell_config(tiny_config(augment=True), r, 'pretrained:no_mask', 0.05, 1,
+                            'det3d')
+  assert wd == os.path.join(r, 'det3d-aug_pretrained-no_mask_f0.05_s1')
+  assert cfg.finetune.init_workdir == le.pretrain_dir(r, 'no_mask') and cfg.finetune.augment
+  wd, cfg = le._cell_config(tiny_config(augment=True, modalities='camera'), r, 'pretrained',
+                            0.1, 0, 'bevseg')
+  assert wd == os.path.join(r, 'ft-camera-aug_pretrained_f0.1_s0')
+  assert cfg.finetune.init_workdir == le.pretrain_dir(r)
+
+
+def test_find_cells_separates_augmented_and_plain_cells(tmp_path):
+  """One results dir holding the joint and camera-only grids of both tasks, each with and
+  without augmentation: every variant finds exactly its own cells (whose prefixes share a
+  start: ft, ft-aug, ft-camera, ft-camera-aug) and reads its own results."""
+  cells = le.plan([0.1, 1.0], [0], ablations=['no_bev'], ablation_fractions=(0.05,))
+  variants = [(task, mods, aug) for task in report.TASKS for mods in (report.JOINT, 'camera')
+              for aug in (False, True)]
+  for score, (task, mods, aug) in enumerate(variants):
+    spec = report.TASKS[task]
+    result = {f'eval_{h}': score / 10 for h, _ in spec.headlines}
+    result.update({spec.class_key.format(c): 0.0 for c in spec.classes})
+    for cell in cells:
+      wd = tmp_path / report.cell_name(*cell, task, mods, aug)
+      os.makedirs(wd)
+      (wd / 'result.json').write_text(json.dumps(result))
+  for score, (task, mods, aug) in enumerate(variants):
+    assert report.find_cells(str(tmp_path), task, mods, aug) == cells, (task, mods, aug)
+    headline = report.TASKS[task].headlines[0][0]
+    rows = report.collect(str(tmp_path), task=task, modalities=mods, augment=aug)
+    assert [(r['init'], r['fraction'], r['seed']) for r in rows] == cells
+    assert {r[headline] for r in rows} == {score / 10}, (task, mods, aug)
 
 
 def _row(rows, init, fraction, seed):
