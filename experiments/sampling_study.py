@@ -6,7 +6,8 @@ r"""Rendered depth error vs field evaluations per ray, with and without LiDAR-gu
 Two parts, each setting's result kept in --study_dir/results.json (a rerun skips the settings
 already there; a setting's workdir resumes from its checkpoint):
   train: one short pre-training per --train_settings entry (`sampling:S`, S = samples per ray =
-    field evaluations per ray), scored by the pre-training's held-out eval (val split, unmasked
+    field evaluations per ray; sampling stratified, lidar, or lidar_carve = lidar with
+    --free_space_carving), scored by the pre-training's held-out eval (val split, unmasked
     inputs and masked inputs, deterministic samples, the same sampler as in training).
   cross: every trained model re-scored on the val split with the --cross_eval sampler: the
     field each setting learned, judged by one common dense sampler. Needed because a
@@ -18,7 +19,9 @@ already there; a setting's workdir resumes from its checkpoint):
     of the val frame's undilated LiDAR occupancy, --occupancy_cell cells) rendered along the val
     frames' LiDAR rays with each --oracle_settings sampler, against the same field rendered
     with 4096 stratified samples (the converged depth) and against the LiDAR depth: the
-    quadrature error alone, on a field whose surfaces are where the depth loss puts them.
+    quadrature error alone, on a field whose surfaces are where the depth loss puts them. Also
+    the share of each sampler's samples in seen-free cells (the carved grid's 0) and within
+    1 m of the LiDAR depth.
 Prints markdown tables (docs/lidar_sampling.md holds the measured ones).
 """
 
@@ -54,7 +57,8 @@ _CROSS = flags.DEFINE_string('cross_eval', 'stratified:64', 'The common sampler 
 _ORACLE = flags.DEFINE_list('oracle_settings', ['stratified:8', 'stratified:16', 'stratified:32',
                                                 'stratified:64', 'stratified:128', 'lidar:4',
                                                 'lidar:8', 'lidar:16', 'lidar:32'],
-                            'Samplers of the oracle-field part (empty = skip it).')
+                            'Samplers of the oracle-field part (empty = skip it); '
+                            'lidar_carve:S = lidar with --free_space_carving.')
 _ORACLE_DENSITY = flags.DEFINE_float('oracle_density', 20.0, 'Density (1/m) of the oracle '
                                      'field in its occupied cells.')
 
@@ -66,9 +70,12 @@ FIT = ('depth_abs_rel', 'perspective_depth_loss')
 
 
 def _setting(name: str) -> dict:
-  """'sampling:S[:seed]' -> config overrides."""
+  """'sampling:S[:seed]' -> config overrides (sampling lidar_carve: lidar with
+  --free_space_carving)."""
   sampling, samples, *seed = name.split(':')
   out = dict(sampling=sampling, num_samples=int(samples))
+  if sampling == 'lidar_carve':
+    out.update(sampling='lidar', free_space_carving=True)
   if seed:
     out['seed'] = int(seed[0])
   return out
@@ -156,22 +163,35 @@ def _oracle(base, name: str) -> dict:
     grid = lambda p, v, shape, d: jax.vmap(
         lambda p, v: guidance.occupancy_grid(p[:, :3], v, lo, hi, shape, d))(p, v)
     sharp = grid(batch['points'], batch['points_mask'], guide, 0)[0][..., None]
-    occ = (grid(batch['points'], batch['points_mask'], guide, r.occupancy_dilation)
-           if r.sampling == 'lidar' else None)
+    # The three-state grid: the carved sampler's guide, and for every sampler the count of its
+    # samples in seen-free cells.
+    carved = jax.vmap(lambda p, v: guidance.carved_occupancy_grid(
+        p[:, :3], v, lo, hi, guide, r.occupancy_dilation))(batch['points'], batch['points_mask'])
+    occ = None
+    if r.free_space_carving:
+      occ = carved
+    elif r.sampling == 'lidar':
+      occ = grid(batch['points'], batch['points_mask'], guide, r.occupancy_dilation)
     field = lambda f, p, d: (
         _ORACLE_DENSITY.value * trilinear_interpolate(sharp, p, lo, hi)[:, 0], jnp.zeros_like(p))
     n, f, hit = box_near_far(view['origins'], view['dirs'], lo, hi, view['near'])
     render = lambda s, occ: render_rays(
         field, jnp.zeros((1, 2, 2, 2, 1)), view['origins'], view['dirs'], n, f, s, lo, hi, None,
-        occupancy=occ, coarse_samples=r.coarse_samples,
-        uniform_fraction=r.uniform_fraction)['depth']
-    depth, converged = render(r.num_samples, occ), render(4096, None)
+        occupancy=occ, coarse_samples=r.coarse_samples, uniform_fraction=r.uniform_fraction,
+        free_space_carving=r.free_space_carving)
+    out, converged = render(r.num_samples, occ), render(4096, None)['depth']
+    depth, t = out['depth'], out['t']                                        # [1, R], [1, R, S]
+    points = view['origins'][:, :, None] + t[..., None] * view['dirs'][:, :, None]
+    state = guidance.occupancy_lookup(carved[0], points.reshape(-1, 3), lo, hi,
+                                      guidance.UNKNOWN).reshape(t.shape)
     ok = (view['depth_valid'] & hit).astype(jnp.float32)
     err = jnp.abs(depth - view['depth'])
     return (jnp.sum(jnp.abs(depth - converged) * ok), jnp.sum(err * ok),
-            jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok))
+            jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok),
+            jnp.sum(jnp.mean(state == 0, -1) * ok),
+            jnp.sum(jnp.mean(jnp.abs(t - view['depth'][..., None]) <= 1.0, -1) * ok))
 
-  start, sums = time.time(), np.zeros(4)
+  start, sums = time.time(), np.zeros(6)
   iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1),
                                          num_local_devices=1)
   try:
@@ -183,8 +203,8 @@ def _oracle(base, name: str) -> dict:
     iterator.close()
   sums = sums.tolist()
   return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
-              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]),
-              wall_s=round(time.time() - start, 1))
+              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]), free_share=sums[4] / sums[3],
+              near_share=sums[5] / sums[3], wall_s=round(time.time() - start, 1))
 
 
 def table(results: dict) -> str:
@@ -215,10 +235,14 @@ def table(results: dict) -> str:
   out = '### Pre-trained and scored with each sampler\n\n' + head + rows('train')
   if results.get('oracle'):
     out += ('\n### Oracle field (no learning): quadrature error alone\n\n| setting | field evals / '
-            'ray | L1 vs converged (m) | L1 vs LiDAR (m) | AbsRel vs LiDAR | rays |\n'
-            '|---|---|---|---|---|---|\n')
+            'ray | L1 vs converged (m) | L1 vs LiDAR (m) | AbsRel vs LiDAR | samples in free '
+            'cells | samples within 1 m of LiDAR depth | rays | wall (s) |\n'
+            '|---|---|---|---|---|---|---|---|---|\n')
+    pct = lambda o, k: f'{100 * o[k]:.1f}%' if k in o else '-'
     out += ''.join(f'| {name} | {_setting(name)["num_samples"]} | {o["vs_converged"]:.3f} | '
-                   f'{o["perspective_depth_loss"]:.3f} | {o["depth_abs_rel"]:.3f} | {o["rays"]} |\n'
+                   f'{o["perspective_depth_loss"]:.3f} | {o["depth_abs_rel"]:.3f} | '
+                   f'{pct(o, "free_share")} | {pct(o, "near_share")} | {o["rays"]} | '
+                   f'{o.get("wall_s", float("nan")):.0f} |\n'
                    for name, o in results['oracle'].items())
   if results.get('cross'):
     out += (f'\n### Each trained model re-scored with {results.get("cross_eval", "")}\n\n'

@@ -160,6 +160,10 @@ class RenderConfig:
                              'over the fused volume\'s bounds.', check=positive)
   occupancy_dilation: int = _f(1, '--sampling=lidar: cells each LiDAR return\'s cell is dilated '
                                'by.', check=non_negative)
+  free_space_carving: bool = _f(False, '--sampling=lidar: carve the cells each LiDAR ray passes '
+                                'through on its way to its return as free; the uniform share of '
+                                'the pdf then goes to occupied and unknown cells only (see '
+                                'docs/lidar_sampling.md). Off: the binary grid.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +409,9 @@ _CROSS_CHECKS: tuple[tuple[str, Callable[[Config], str | None]], ...] = (
      f'must be > --z_min ({c.model.z_min}), got {c.model.z_max}'),
     ('process_id', lambda c: None if 0 <= c.train.process_id < c.train.num_processes else
      f'must be in [0, {c.train.num_processes}), got {c.train.process_id}'),
+    ('free_space_carving', lambda c: None if not c.render.free_space_carving or (
+        c.render.sampling == 'lidar') else
+     f'needs --sampling=lidar, got --sampling={c.render.sampling}'),
     ('synthetic_val_scenes', lambda c: None if not c.data.synthetic or (
         c.data.synthetic_val_scenes < c.data.synthetic_scenes) else
      f'must be in [0, --synthetic_scenes), got {c.data.synthetic_val_scenes}'),

@@ -1,6 +1,7 @@
 """LiDAR-guided sampling (--sampling=lidar): the occupancy grid, inverse-CDF placement against a
 known wall and an empty grid, the stratified path left as it was, gradients through guided
-renders, the config's defaults for older runs, and the whole model."""
+renders, free-space carving (--free_space_carving: the three-state grid and its pdf), the
+config's defaults for older runs, and the whole model."""
 
 import functools
 
@@ -12,8 +13,9 @@ import pytest
 from helpers import tiny_config
 from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.render import RadianceField, composite, render_rays, stratified_samples
-from nsmae_jax.render.guidance import (grid_shape, guided_samples, inverse_cdf_samples,
-                                       occupancy_grid, occupancy_lookup)
+from nsmae_jax.render.guidance import (UNKNOWN, carved_occupancy_grid, carving_steps,
+                                       free_space_grid, grid_shape, guided_samples,
+                                       inverse_cdf_samples, occupancy_grid, occupancy_lookup)
 from nsmae_jax.render.sampling import trilinear_interpolate
 
 BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
@@ -100,6 +102,169 @@ def test_inverse_cdf_follows_a_known_pdf():
   np.testing.assert_allclose(t, [2.25, 2.75, 3.25, 3.75], rtol=1e-6)
 
 
+def _binary_reference(occupancy, near, far, num_samples, uniform_fraction, jitter=None):
+  """inverse_cdf_samples as it was before free-space carving, written out."""
+  m = occupancy.shape[-1]
+  total = jnp.sum(occupancy)
+  a = jnp.where(total > 0, uniform_fraction, 1.0)
+  pdf = (1.0 - a) * occupancy / jnp.maximum(total, 1e-12) + a / m
+  cdf = jnp.concatenate([jnp.zeros((1,), pdf.dtype), jnp.cumsum(pdf)])
+  cdf = cdf / cdf[-1]
+  offset = 0.5 if jitter is None else jitter
+  u = (jnp.arange(num_samples, dtype=pdf.dtype) + offset) / num_samples
+  bin_ = jnp.clip(jnp.searchsorted(cdf, u, side='right') - 1, 0, m - 1)
+  frac = jnp.clip((u - cdf[bin_]) / jnp.maximum(pdf[bin_], 1e-12), 0.0, 1.0)
+  t = near + (bin_ + frac) * (far - near) / m
+  return t, jnp.diff(jnp.concatenate([near[None], 0.5 * (t[1:] + t[:-1]), far[None]]))
+
+
+@pytest.mark.parametrize('jittered', [False, True])
+def test_carving_off_is_the_binary_sampler(jittered):
+  occ = (jax.random.uniform(jax.random.key(5), (6, 32)) > 0.8).astype(jnp.float32)
+  near, far = jnp.full((6,), 0.5), jnp.linspace(5.0, 40.0, 6)
+  jitter = jax.random.uniform(jax.random.key(6), (6, 8)) if jittered else None
+  new = jax.vmap(lambda o, n, f, j: inverse_cdf_samples(o, n, f, 8, 0.2, j, carving=False),
+                 in_axes=(0, 0, 0, 0 if jittered else None))(occ, near, far, jitter)
+  ref = jax.vmap(lambda o, n, f, j: _binary_reference(o, n, f, 8, 0.2, j),
+                 in_axes=(0, 0, 0, 0 if jittered else None))(occ, near, far, jitter)
+  for a, b in zip(new, ref):
+    np.testing.assert_array_equal(a, b)
+  # A three-state grid with nothing carved (unknown where the binary grid has 0) gives the
+  # binary sampler's pdf: the floor over the not-free bins is the floor over all of them.
+  carved = jnp.where(occ > 0, 1.0, UNKNOWN)
+  same = jax.vmap(lambda o, n, f, j: inverse_cdf_samples(o, n, f, 8, 0.2, j, carving=True),
+                  in_axes=(0, 0, 0, 0 if jittered else None))(carved, near, far, jitter)
+  np.testing.assert_allclose(same[0], ref[0], rtol=1e-5)
+
+
+def test_carved_grid_is_free_before_the_wall_occupied_at_it_unknown_behind():
+  # The wall's returns plus one return outside the box (x = 40), whose in-box part carves.
+  points = np.concatenate([_wall(), [[40.0, -10.0, 0.0]]]).astype(np.float32)
+  valid = np.ones(len(points), bool)
+  grid = np.asarray(carved_occupancy_grid(points, valid, *BOX, SHAPE))
+  assert set(np.unique(grid)) == {0.0, UNKNOWN, 1.0}
+  for x in (1.0, 5.0, 10.0, 15.0, 18.9):                   # between the sensor and the wall
+    for y, z in ((0.0, 0.1), (2.0, 1.0), (-3.0, -2.0)):
+      assert grid[_cell((x, y * x / 20.0, z * x / 20.0))] == 0, (x, y, z)   # on a ray
+  for y, z in ((0.0, 0.1), (3.9, 2.4), (-4.0, -2.5)):
+    assert grid[_cell((20.1, y, z))] == 1                  # the wall
+    assert grid[_cell((19.6, y, z))] == 1                  # its dilation wins over free
+  for x in (21.6, 25.0, 31.9):
+    assert grid[_cell((x, 0.0, 0.1))] == UNKNOWN           # behind the wall
+  assert grid[_cell((10.0, 10.0, 0.1))] == UNKNOWN         # no ray went there
+  assert grid[_cell((10.0, 0.0, 2.9))] == UNKNOWN          # above the scan
+  # The out-of-box return: its ray (y = -x / 4, z = 0) is free up to the box, nothing occupied.
+  for x in (8.3, 19.7, 27.9, 31.9):
+    assert grid[_cell((x, -x / 4, 0.0))] == 0, x
+  wall = occupancy_grid(_wall(), np.ones(len(_wall()), bool), *BOX, SHAPE)
+  np.testing.assert_array_equal(grid == 1, np.asarray(wall) == 1)
+  # Padding carves nothing.
+  none = np.asarray(carved_occupancy_grid(points, np.zeros(len(points), bool), *BOX, SHAPE))
+  assert np.all(none == UNKNOWN)
+
+
+def test_free_space_grid_is_the_same_in_chunks():
+  points, valid = _wall(), np.ones(len(_wall()), bool)
+  k = carving_steps(*BOX, SHAPE)
+  assert k == 183                      # 45.35 m farthest corner / 0.25 m steps, + 1
+  whole = free_space_grid(points, valid, *BOX, SHAPE)
+  chunked = free_space_grid(points, valid, *BOX, SHAPE, chunk=7 * len(points))   # 27 chunks
+  np.testing.assert_array_equal(whole, chunked)
+  assert 0 < float(whole.sum()) < whole.size
+
+
+def _carved_wall_ray(num_samples, carving, far=30.0, jitter=None):
+  """One ray from the sensor straight at the wall (x = 20 m) of _wall()."""
+  points = _wall()
+  build = carved_occupancy_grid if carving else occupancy_grid
+  grid = build(points, np.ones(len(points), bool), *BOX, SHAPE)[None]
+  origins, dirs = jnp.zeros((1, 1, 3)), jnp.array([[[1.0, 0.0, 0.0]]])
+  near, far = jnp.full((1, 1), 0.5), jnp.full((1, 1), far)
+  t, deltas = guided_samples(grid, origins, dirs, near, far, num_samples, 128, 0.2, *BOX, jitter,
+                             carving)
+  return grid[0], np.asarray(t[0, 0]), np.asarray(deltas[0, 0])
+
+
+@pytest.mark.parametrize('jittered', [False, True])
+def test_carving_puts_no_samples_in_free_space_and_more_at_the_wall(jittered):
+  s = 32
+  jitter = jax.random.uniform(jax.random.key(8), (1, 1, s)) if jittered else None
+  # The ray leaves the volume 2 m behind the wall: the carved floor goes to the wall's cells
+  # and the 1 m of unknown behind them, the binary one mostly to the free 19 m in front.
+  grid, t, deltas = _carved_wall_ray(s, True, far=22.0, jitter=jitter)
+  _, t_bin, _ = _carved_wall_ray(s, False, far=22.0, jitter=jitter)
+  state = np.asarray(occupancy_lookup(grid, jnp.stack([t, 0 * t, 0 * t], -1), *BOX))
+  free_bin = np.asarray(occupancy_lookup(grid, jnp.stack([t_bin, 0 * t_bin, 0 * t_bin], -1),
+                                         *BOX)) == 0
+  # The free cells run from the sensor to 19.5 m: the binary sampler's floor puts ~18% of its
+  # samples there, the carved one none, beyond the coarse bin (0.17 m) that straddles 19.5 m.
+  bin_width = 21.5 / 128
+  assert np.sum((state == 0) & (t < 19.5 - bin_width)) == 0, t
+  assert np.sum(free_bin & (t_bin < 19.5 - bin_width)) >= 3, t_bin
+  assert np.sum(np.abs(t - 20.0) <= 1.0) > np.sum(np.abs(t_bin - 20.0) <= 1.0), (t, t_bin)
+  assert np.all(np.diff(t) >= 0) and np.all(t >= 0.5) and np.all(t <= 22.0)
+  np.testing.assert_allclose(deltas.sum(), 21.5, rtol=1e-5)
+
+
+def test_carved_samples_without_occupied_bins_follow_the_unknown_ones():
+  # a = 1: all of the pdf uniform over the not-free (unknown) bins 4..7 of 8.
+  occ = jnp.array([0, 0, 0, 0] + [UNKNOWN] * 4, jnp.float32)
+  t, _ = inverse_cdf_samples(occ, jnp.float32(0.0), jnp.float32(8.0), 4, 0.2, carving=True)
+  np.testing.assert_allclose(t, [4.5, 5.5, 6.5, 7.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize('jittered', [False, True])
+def test_all_free_bins_fall_back_to_uniform(jittered):
+  jitter = jax.random.uniform(jax.random.key(9), (8,)) if jittered else None
+  t, deltas = inverse_cdf_samples(jnp.zeros(64), jnp.float32(0.5), jnp.float32(30.0), 8, 0.2,
+                                  jitter, carving=True)
+  t, deltas = np.asarray(t), np.asarray(deltas)
+  assert np.all(np.isfinite(t)) and np.all(np.diff(t) > 0)
+  assert t[0] < 0.5 + 29.5 / 8 and t[-1] > 30.0 - 29.5 / 8 and 0.5 <= t[0] and t[-1] <= 30.0
+  np.testing.assert_allclose(deltas.sum(), 29.5, rtol=1e-5)
+  if not jittered:
+    np.testing.assert_allclose(t, stratified_samples(None, jnp.float32(0.5), jnp.float32(30.0),
+                                                     8)[0], rtol=1e-5)
+
+
+def test_carving_jits_and_vmaps_over_a_batch():
+  points = jnp.stack([_wall(20.0), _wall(-12.0)])
+  valid = jnp.ones(points.shape[:2], bool).at[1, ::2].set(False)
+  build = jax.jit(jax.vmap(lambda p, v: carved_occupancy_grid(p, v, *BOX, SHAPE)))
+  grids = build(points, valid)
+  for b in range(2):
+    np.testing.assert_array_equal(grids[b], carved_occupancy_grid(points[b], valid[b], *BOX,
+                                                                  SHAPE))
+  origins = jnp.zeros((2, 3, 3))
+  dirs = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  dirs = jnp.broadcast_to(dirs, (2, 3, 3))
+  near, far = jnp.full((2, 3), 0.5), jnp.full((2, 3), 31.0)
+  jitter = jax.random.uniform(jax.random.key(10), (2, 3, 16))
+  sample = jax.jit(lambda g, j: guided_samples(g, origins, dirs, near, far, 16, 128, 0.2, *BOX,
+                                               j, carving=True))
+  t, deltas = sample(grids, jitter)
+  t = np.asarray(t)
+  assert np.all(np.isfinite(t)) and np.all(np.diff(t, axis=-1) >= 0)
+  np.testing.assert_allclose(np.asarray(deltas).sum(-1), 30.5, rtol=1e-5)
+  assert np.mean(np.abs(t[0, 0] - 20.0) <= 1.0) >= 0.75     # each example's own wall
+  assert np.mean(np.abs(t[1, 1] - 12.0) <= 1.0) >= 0.75
+  assert np.mean(np.abs(t[0, 1] - 12.0) <= 1.0) < 0.2
+
+
+def test_render_rays_threads_carving_to_the_sampler():
+  field, params, volume, origins, dirs, near, far = _field_setup()
+  points = jax.random.uniform(jax.random.key(4), (2, 64, 3), minval=-8, maxval=8)
+  grid = jax.jit(jax.vmap(lambda p: carved_occupancy_grid(p, jnp.ones(64, bool), *BOX, SHAPE)))(
+      points)
+  out = jax.jit(lambda g: render_rays(functools.partial(field.apply, params), volume, origins,
+                                      dirs, near, far, 6, *BOX, key=None, occupancy=g,
+                                      free_space_carving=True))(grid)
+  t, _ = jax.jit(lambda g: guided_samples(g, origins, dirs, near, far, 6, 128, 0.2, *BOX,
+                                          carving=True))(grid)
+  np.testing.assert_array_equal(out['t'], t)
+  assert np.all(np.isfinite(np.asarray(out['depth'])))
+
+
 def _field_setup():
   field = RadianceField(width=8, depth=1, pos_freqs=2, dir_freqs=1, box_min=BOX[0],
                         box_max=BOX[1])
@@ -157,7 +322,7 @@ def test_guided_render_is_finite_and_trains_field_and_volume(remat):
 def test_older_configs_load_with_stratified_sampling():
   old = Config().to_dict()
   for name in ('sampling', 'coarse_samples', 'uniform_fraction', 'occupancy_cell',
-               'occupancy_dilation'):
+               'occupancy_dilation', 'free_space_carving'):
     del old['render'][name]
   assert Config.from_dict(old).render.sampling == 'stratified'
   assert Config.from_dict(old) == Config()
@@ -168,12 +333,15 @@ def test_bad_sampling_values_name_the_flag():
     Config().replace(sampling='importance').validate()
   with pytest.raises(ConfigError, match='--uniform_fraction'):
     Config().replace(uniform_fraction=1.5).validate()
+  with pytest.raises(ConfigError, match='--free_space_carving: needs --sampling=lidar'):
+    Config().replace(free_space_carving=True).validate()
+  Config().replace(sampling='lidar', free_space_carving=True).validate()
 
 
 def test_sampling_flags_exist():
   from experiments import flags as nsflags  # pylint: disable=import-outside-toplevel
   for name in ('sampling', 'coarse_samples', 'uniform_fraction', 'occupancy_cell',
-               'occupancy_dilation'):
+               'occupancy_dilation', 'free_space_carving'):
     assert name in nsflags.FLAGS
 
 
@@ -189,6 +357,45 @@ def test_model_render_refuses_lidar_sampling_without_occupancy():
   with pytest.raises(ValueError, match='--sampling=lidar with occupancy missing'):
     model.apply({'params': {}}, jnp.zeros((1, 2, 2, 2, 8)), jnp.zeros((1, 3, 3)),
                 jnp.ones((1, 3, 3)), jnp.zeros((1, 3)), None, method=model.render)
+
+
+@pytest.mark.parametrize('carving', [False, True])
+def test_model_occupancy_is_three_state_with_carving(carving):
+  from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**SMALL, background='black', free_space_carving=carving)
+  model = pretrain.build_pretrain_model(config)
+  points = jnp.concatenate([jnp.asarray(_wall()), jnp.zeros((len(_wall()), 1))], -1)[None]
+  batch = {'points': points, 'points_mask': jnp.ones(points.shape[:2], bool)}
+  grid = model.apply({'params': {}}, batch, method=model.occupancy)
+  lo, hi = config.volume_bounds
+  shape = grid_shape(lo, hi, config.render.occupancy_cell)
+  build = carved_occupancy_grid if carving else occupancy_grid
+  np.testing.assert_array_equal(grid[0], build(_wall(), np.ones(len(_wall()), bool), lo, hi,
+                                               shape, config.render.occupancy_dilation))
+  assert set(np.unique(np.asarray(grid))) == ({0.0, UNKNOWN, 1.0} if carving else {0.0, 1.0})
+
+
+def test_model_render_passes_carving_to_the_sampler():
+  from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render import box_near_far  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**SMALL, background='black', free_space_carving=True)
+  model = pretrain.build_pretrain_model(config)
+  lo, hi = config.volume_bounds
+  grid = carved_occupancy_grid(_wall(), np.ones(len(_wall()), bool), lo, hi,
+                               grid_shape(lo, hi, config.render.occupancy_cell))[None]
+  channels = 8
+  volume = jnp.zeros((1,) + config.volume_shape + (channels,))
+  origins = jnp.zeros((1, 2, 3))
+  dirs = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+  near = jnp.full((1, 2), 0.5)
+  args = (volume, origins, dirs, near, None, grid)
+  params = model.init(jax.random.key(0), *args, method=model.render)
+  out = jax.jit(lambda p: model.apply(p, *args, method=model.render))(params)
+  n, f, _ = box_near_far(origins, dirs, lo, hi, near)
+  t, _ = guided_samples(grid, origins, dirs, n, f, config.render.num_samples,
+                        config.render.coarse_samples, config.render.uniform_fraction, lo, hi,
+                        carving=True)
+  np.testing.assert_allclose(out['t'], t, rtol=1e-6)
 
 
 @pytest.mark.slow  # compiles the train step and the full-view renderer (~2-3 min on 2 cores)

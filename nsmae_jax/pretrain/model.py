@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.models import NSMAEBackbone, compute_dtype, resolve_size
 from nsmae_jax.render import RadianceField, box_near_far, render_rays
-from nsmae_jax.render.guidance import grid_shape, occupancy_grid
+from nsmae_jax.render.guidance import carved_occupancy_grid, grid_shape, occupancy_grid
 
 
 class NSMAE(nn.Module):
@@ -64,14 +64,15 @@ class NSMAE(nn.Module):
   def occupancy(self, batch: dict) -> jnp.ndarray | None:
     """The LiDAR occupancy grids [B, Gx, Gy, Gz] that guide sampling (--sampling=lidar), from
     every valid return of the unmasked batch (the encoder's masking hides returns from the
-    features, not from the sampler, as in UniPAD's depth-aware sampling); None when
-    stratified."""
+    features, not from the sampler, as in UniPAD's depth-aware sampling); three-state
+    (occupied / unknown / free) with --free_space_carving; None when stratified."""
     r = self.config.render
     if r.sampling != 'lidar':
       return None
     shape = grid_shape(self.box_min, self.box_max, r.occupancy_cell)
-    grid = lambda p, v: occupancy_grid(p[:, :3], v, self.box_min, self.box_max, shape,
-                                       r.occupancy_dilation)
+    build = carved_occupancy_grid if r.free_space_carving else occupancy_grid
+    grid = lambda p, v: build(p[:, :3], v, self.box_min, self.box_max, shape,
+                              r.occupancy_dilation)
     return jax.vmap(grid)(batch['points'], batch['points_mask'])
 
   def render(self, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
@@ -90,7 +91,8 @@ class NSMAE(nn.Module):
     out = render_rays(self.field, volume, origins, dirs, n, f, r.num_samples,
                       self.box_min, self.box_max, key, background,
                       remat=self.config.train.remat, occupancy=occupancy,
-                      coarse_samples=r.coarse_samples, uniform_fraction=r.uniform_fraction)
+                      coarse_samples=r.coarse_samples, uniform_fraction=r.uniform_fraction,
+                      free_space_carving=r.free_space_carving)
     out['hit'] = hit
     return out
 

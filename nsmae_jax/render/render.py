@@ -31,8 +31,8 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
                 key: jax.Array | None = None,
                 background: jnp.ndarray | None = None,
                 remat: bool = False, occupancy: jnp.ndarray | None = None,
-                coarse_samples: int = 128,
-                uniform_fraction: float = 0.2) -> dict[str, jnp.ndarray]:
+                coarse_samples: int = 128, uniform_fraction: float = 0.2,
+                free_space_carving: bool = False) -> dict[str, jnp.ndarray]:
   """Renders R rays through each of B fused volumes.
 
   Args:
@@ -50,6 +50,8 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
       (guidance.occupancy_grid): None = stratified samples; else LiDAR-guided samples
       (guidance.guided_samples with coarse_samples lookups per ray and uniform_fraction of the
       pdf spread evenly), the field evaluated only there.
+    free_space_carving: occupancy holds three-state grids (guidance.carved_occupancy_grid) and
+      the uniform share skips the cells seen free.
 
   Returns:
     composite() outputs with leading [B, R] plus t [B, R, S].
@@ -66,7 +68,7 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
     # Placement needs no field and no gradient, so it stays outside the rematerialised part.
     t_guided, deltas_guided = guided_samples(occupancy, origins, dirs, near, far, num_samples,
                                              coarse_samples, uniform_fraction, box_min,
-                                             box_max, jitter)
+                                             box_max, jitter, free_space_carving)
 
     def samples(fn, volume, origins, dirs, t, deltas, unused):
       del unused
