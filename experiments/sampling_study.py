@@ -172,8 +172,8 @@ def _oracle(base, name: str) -> dict:
       occ = carved
     elif r.sampling == 'lidar':
       occ = grid(batch['points'], batch['points_mask'], guide, r.occupancy_dilation)
-    field = lambda f, p, d: (
-        _ORACLE_DENSITY.value * trilinear_interpolate(sharp, p, lo, hi)[:, 0], jnp.zeros_like(p))
+    field = lambda f, p, d: (_ORACLE_DENSITY.value * trilinear_interpolate(
+        sharp, p.reshape(-1, 3), lo, hi)[:, 0].reshape(p.shape[:-1]), jnp.zeros_like(p))
     n, f, hit = box_near_far(view['origins'], view['dirs'], lo, hi, view['near'])
     render = lambda s, occ: render_rays(
         field, jnp.zeros((1, 2, 2, 2, 1)), view['origins'], view['dirs'], n, f, s, lo, hi, None,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nsmae_jax.geometry import bev_rays
-from nsmae_jax.render import (box_near_far, composite, render_rays, stratified_samples,
-                              trilinear_interpolate)
+from nsmae_jax.render import (RadianceField, box_near_far, composite, render_rays,
+                              stratified_samples, trilinear_interpolate)
 
 BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
 
@@ -128,7 +128,7 @@ def test_render_rays_of_an_opaque_plane():
   """A field that is opaque below z = 0 and red: BEV rays from z = 3 see red at depth 3."""
   def field_fn(feats, pts, dirs):
     del feats, dirs
-    density = jnp.where(pts[:, 2] < 0.0, 1e3, 0.0)
+    density = jnp.where(pts[..., 2] < 0.0, 1e3, 0.0)
     return density, jnp.broadcast_to(jnp.array([1.0, 0.0, 0.0]), pts.shape)
   volume = jnp.zeros((1, 4, 4, 2, 3))
   o, d = bev_rays(jnp.array([[[0.0, 0.0], [5.0, -7.0]]]), 3.0)
@@ -142,3 +142,43 @@ def test_render_rays_of_an_opaque_plane():
 
 if __name__ == '__main__':
   pytest.main([__file__])
+
+
+def test_field_encodes_the_view_direction_once_per_ray_with_the_dense_of_the_concatenation():
+  """dirs [R, 1, 3] (one per ray) and dirs repeated per sample [R, S, 3] give the same outputs,
+  and both equal the colour branch written as the Dense of concat([trunk, PE(dir)]) that the
+  parameter tree (color_hidden kernel [width + Cd, width // 2]) describes."""
+  field = RadianceField(width=16, depth=2, pos_freqs=3, dir_freqs=2, box_min=BOX[0],
+                        box_max=BOX[1])
+  rng = np.random.default_rng(0)
+  r, s, c = 5, 7, 4
+  feats = jnp.asarray(rng.normal(size=(r, s, c)), jnp.float32)
+  points = jnp.asarray(rng.uniform(-30, 30, (r, s, 3)), jnp.float32)
+  dirs = rng.normal(size=(r, 1, 3))
+  dirs = jnp.asarray(dirs / np.linalg.norm(dirs, axis=-1, keepdims=True), jnp.float32)
+  params = field.init(jax.random.key(0), feats, points, dirs)['params']
+  assert params['color_hidden']['kernel'].shape == (16 + 3 * (1 + 2 * 2), 8)
+  density, color = field.apply({'params': params}, feats, points, dirs)
+  assert density.shape == (r, s) and color.shape == (r, s, 3)
+  per_sample = field.apply({'params': params}, feats, points, jnp.broadcast_to(dirs, (r, s, 3)))
+  np.testing.assert_allclose(density, per_sample[0], rtol=1e-6)
+  np.testing.assert_allclose(color, per_sample[1], rtol=1e-6)
+  # The same field written with an explicit concatenation (float64, numpy).
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  f64 = lambda a: np.asarray(a, np.float64)
+  lo, hi = np.asarray(BOX[0]), np.asarray(BOX[1])
+  # positional_encoding orders [x, sin(all freqs), cos(all freqs)] with freqs major, axes minor.
+  pe = lambda v, k: np.concatenate(
+      [v, np.sin((2.0 ** np.arange(k) * np.pi)[:, None] * v[..., None, :]).reshape(
+          v.shape[:-1] + (-1,)),
+       np.cos((2.0 ** np.arange(k) * np.pi)[:, None] * v[..., None, :]).reshape(
+           v.shape[:-1] + (-1,))], -1)
+  dense = lambda name, v: v @ p[name]['kernel'] + p[name]['bias']
+  x = np.concatenate([f64(feats), pe(2 * (f64(points) - lo) / (hi - lo) - 1, 3)], -1)
+  for i in range(2):
+    x = np.maximum(dense(f'trunk_{i}', x), 0)
+  d = np.broadcast_to(pe(f64(dirs), 2), (r, s, 15))
+  h = np.maximum(dense('color_hidden', np.concatenate([x, d], -1)), 0)
+  np.testing.assert_allclose(color, 1 / (1 + np.exp(-dense('color', h))), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(density, np.logaddexp(0, dense('density', x)[..., 0] - 1.0),
+                             rtol=1e-5, atol=1e-6)

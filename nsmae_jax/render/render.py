@@ -36,8 +36,9 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
   """Renders R rays through each of B fused volumes.
 
   Args:
-    field_fn: (features [N, C], points [N, 3], dirs [N, 3]) -> (density [N], colour [N, 3]);
-      applied once on all B * R * S samples (one large matmul rather than many small ones).
+    field_fn: (features [N, S, C], points [N, S, 3], dirs [N, 1, 3]) -> (density [N, S],
+      colour [N, S, 3]), N = B * R rays of S samples, one view direction per ray (broadcast
+      over its samples); applied once on all samples (one large matmul rather than many).
     volume: [B, X, Y, Z, C] fused features, LiDAR frame, bounds box_min/box_max.
     origins, dirs: [B, R, 3] LiDAR frame, unit dirs; near, far: [B, R] (m).
     num_samples: S.
@@ -119,9 +120,10 @@ def _evaluate_at(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray,
 def _field(field_fn: FieldFn, feats: jnp.ndarray, points: jnp.ndarray, dirs: jnp.ndarray
            ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """One field call on all samples: feats [B, R, S, C], points [B, R, S, 3], dirs [B, R, 3]
-  -> density [B, R, S], colour [B, R, S, 3] (float32)."""
+  -> density [B, R, S], colour [B, R, S, 3] (float32). The field gets [B R, S, .] samples and
+  one direction per ray [B R, 1, 3] (broadcast over the samples)."""
   b, r, s, c = feats.shape
-  density, color = field_fn(feats.reshape(-1, c), points.reshape(-1, 3),
-                            jnp.broadcast_to(dirs[:, :, None, :], points.shape).reshape(-1, 3))
+  density, color = field_fn(feats.reshape(b * r, s, c), points.reshape(b * r, s, 3),
+                            dirs.reshape(b * r, 1, 3))
   return (density.reshape(b, r, s).astype(jnp.float32),
           color.reshape(b, r, s, 3).astype(jnp.float32))
