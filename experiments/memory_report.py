@@ -37,9 +37,9 @@ _GIB = 2.0 ** 30
 # XLA:CPU's default concurrency-optimised scheduler runs independent work early for parallelism;
 # a rematerialised region depends only on its saved inputs, so it hoists every recomputation to
 # the forward pass and remat saves nothing (full.flags, --remat: 18.9 GiB vs 14.7 GiB with the
-# memory-minimising scheduler). GPU/TPU schedule for memory; so does this CPU estimate when
-# the process starts with this flag in XLA_FLAGS (the CLI sets it; compile()'s compiler_options
-# did not change the schedule).
+# memory-minimising scheduler, measured when the fusion still used a full im2col). GPU/TPU
+# schedule for memory; so does this CPU estimate when the process starts with this flag in
+# XLA_FLAGS (the CLI sets it; compile()'s compiler_options did not change the schedule).
 CPU_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 

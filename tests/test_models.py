@@ -170,3 +170,21 @@ def test_named_sizes_build(size):
   shapes = jax.eval_shape(init, jax.random.key(0), batch)
   count = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
   assert count > (1e6 if size == 'demo' else 50e6)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 4, 3, 6, 7), (1, 3, 6, 1, 4, 2)])
+def test_fusion_conv3x3x3_is_the_3d_convolution(shape):
+  """The fusion's 3x3x3 convolution (z-taps on channels + one 2D convolution) equals XLA's
+  native 'SAME' 3D convolution, values and gradients (x and kernel), Z = 1 included."""
+  from nsmae_jax.models.fusion import _conv3x3x3  # pylint: disable=import-outside-toplevel
+  b, nx, ny, nz, cin, cout = shape
+  x = jax.random.normal(jax.random.key(0), (b, nx, ny, nz, cin))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, cout))
+  native = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1, 1), 'SAME', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+      precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(_conv3x3x3(x, kernel), native(x, kernel), rtol=1e-5, atol=1e-5)
+  cot = jax.random.normal(jax.random.key(2), (b, nx, ny, nz, cout))
+  grads = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * cot), argnums=(0, 1))(x, kernel)
+  for got, want in zip(grads(_conv3x3x3), grads(native)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
