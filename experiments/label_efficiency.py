@@ -220,7 +220,9 @@ def run_grid(config, results_dir: str, fractions, seeds, *, inits=('scratch', 'p
   returns the CSV rows of the last task.
 
   Each job runs in a fresh Python process unless in_process (tests with fake training).
-  `out_prefix` names the segmentation report; detection's gets the suffix `_det3d`.
+  `out_prefix` names the joint, unaugmented segmentation report; detection's adds `_det3d`,
+  and the grid's variant adds report.variant_suffix(): `_<modality>` (--modalities),
+  `_aug` (--augment), `_drop_<sensor>` (--drop_modality), e.g. <out_prefix>_det3d_aug.
   """
   cells = plan(fractions, seeds, inits, ablations, ablation_fractions)
   for ab in ablations:

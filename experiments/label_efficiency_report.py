@@ -114,7 +114,7 @@ def result_path(cell_dir: str, drop: str = '') -> str:
 
 def variant_suffix(modalities: str = JOINT, drop: str = '', augment: bool = False) -> str:
   """What a report's name adds for a single-modality grid, an augmented grid and a sensor-drop
-  evaluation (of that grid's cells), in this order: _camera_aug_drop_lidar."""
+  evaluation (of the joint grid's cells), in this order: _camera_aug, _aug_drop_lidar."""
   return (('' if modalities == JOINT else f'_{modalities}') + ('_aug' if augment else '') +
           (f'_drop_{drop}' if drop else ''))
 
@@ -338,6 +338,10 @@ def _main() -> None:
       raise app.UsageError(f'unexpected positional arguments {list(argv[1:])}')
     if not os.path.isdir(results_dir.value):
       raise app.UsageError(f'--results_dir: directory {results_dir.value!r} does not exist')
+    if drop.value and modalities.value != JOINT:
+      raise app.UsageError(f'--drop_modality={drop.value}: only the joint grid\'s cells are '
+                           f'evaluated with a sensor removed; --modalities={modalities.value} '
+                           f'has none to remove (the runner refuses the same combination)')
     rows = collect(results_dir.value, task=task.value, modalities=modalities.value,
                    drop=drop.value, augment=augment.value)
     prefix = out_prefix.value or default_out_prefix(results_dir.value, task.value,

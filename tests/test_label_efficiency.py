@@ -573,6 +573,13 @@ def test_report_command_line_rewrites_the_report(tmp_path):
                         f'--results_dir={tmp_path / "missing"}'], cwd=_REPO,
                        capture_output=True, text=True)
   assert bad.returncode != 0 and 'does not exist' in bad.stderr
+  # A sensor drop exists only for the joint grid: refused before anything is written.
+  bad = subprocess.run([sys.executable, '-m', 'experiments.label_efficiency_report',
+                        f'--results_dir={res}', '--modalities=camera', '--drop_modality=lidar',
+                        f'--out_prefix={tmp_path / "drop"}'], cwd=_REPO, capture_output=True,
+                       text=True)
+  assert bad.returncode != 0 and '--drop_modality=lidar' in bad.stderr, bad.stderr
+  assert not os.path.exists(tmp_path / 'drop.csv')
 
 
 def test_a_stopped_job_is_not_marked_done_and_the_rerun_resumes_it(tmp_path, fake_training,
