@@ -85,3 +85,25 @@ def test_entry_point_help_errors_and_exit_codes():
   unknown = _pretrain('--no_such_flag=1')
   assert unknown.returncode != 0
   assert 'no_such_flag' in unknown.stderr.splitlines()[0]
+
+
+def test_label_efficiency_flagfiles_parse_and_the_detection_one_includes_the_base(monkeypatch):
+  """Both CPU grid flagfiles parse with the grid runner's flags (run from the repository root,
+  as their usage lines say); the detection protocol keeps the base protocol's model and recipe
+  and changes only the world size, the paths, the task and the fine-tuning steps."""
+  # Registers the runner's own flags (--tasks, --results_dir, ...) beside the config's.
+  from experiments import label_efficiency  # noqa: F401  pylint: disable=unused-import
+  monkeypatch.chdir(ROOT)
+  base = _parse('--flagfile=experiments/configs/label_efficiency_cpu.flags')
+  det = _parse('--flagfile=experiments/configs/label_efficiency_cpu_det3d.flags')
+  assert det.data.synthetic_scenes == 102 and base.data.synthetic_scenes == 14
+  assert det.data.synthetic_val_scenes == base.data.synthetic_val_scenes == 2
+  assert det.data.data_dir != base.data.data_dir and det.data.dataroot != base.data.dataroot
+  assert det.model == base.model and det.render == base.render
+  nsflags.FLAGS(['prog', '--flagfile=experiments/configs/label_efficiency_cpu_det3d.flags'])
+  try:
+    assert nsflags.FLAGS.tasks == ['det3d'] and nsflags.FLAGS.finetune_steps == 600
+    assert nsflags.FLAGS.pretrain_steps == 3000 and nsflags.FLAGS.seeds == ['0', '1', '2']
+    assert nsflags.FLAGS.results_dir != 'runs/label_efficiency_cpu'
+  finally:
+    nsflags.FLAGS.unparse_flags()
