@@ -29,9 +29,10 @@ def _conv3x3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   minor) is applied by the backend's 2D convolution. Only the z-taps are copied (3x the input,
   not the 27x of a full im2col matmul, which this replaced: the paper setting's compiled step
   at per-device batch 2 needs 9.4 GiB instead of 14.7 (experiments.memory_report, remat on).
-  Speed on 2 loaded CPU cores, forward + backward: about even with the im2col at the demo's
-  [1, 32, 32, 6, 64] -> 32 and the paper's [1, 100, 100, 8, 128] -> 64; XLA's native 3D
-  convolution was slower than either at every size (1.7-9x).
+  Speed, forward + backward on 2 CPU cores: the demo benchmark's fusion part (both 3D convs
+  and the BEV conv) took 40.6 ms on idle cores against 149.8 ms with the im2col; alone, the
+  paper's [1, 100, 100, 8, 128] -> 64 conv was about even with it (loaded cores); XLA's
+  native 3D convolution was slower than either at every size tried (1.7-9x).
   """
   b, nx, ny, nz, cin = x.shape
   xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (1, 1), (0, 0)))
