@@ -375,6 +375,7 @@ def test_model_occupancy_is_three_state_with_carving(carving):
   assert set(np.unique(np.asarray(grid))) == ({0.0, UNKNOWN, 1.0} if carving else {0.0, 1.0})
 
 
+@pytest.mark.slow  # builds the pre-training model (~12 s; fast tier: < 2 min)
 def test_model_render_passes_carving_to_the_sampler():
   from nsmae_jax import pretrain  # pylint: disable=import-outside-toplevel
   from nsmae_jax.render import box_near_far  # pylint: disable=import-outside-toplevel
