@@ -43,6 +43,16 @@ def _cell_index(points: jnp.ndarray, box_min, box_max, size: jnp.ndarray
   return idx, jnp.all((idx >= 0) & (idx < size), axis=-1)
 
 
+def _mark_cells(flat_grid: jnp.ndarray, points: jnp.ndarray, keep: jnp.ndarray, box_min,
+                box_max, shape: tuple[int, int, int]) -> jnp.ndarray:
+  """Sets to 1 the cells of a flat [X * Y * Z] grid that hold one of the [N, 3] points with
+  keep [N] True, in one scatter-max (points outside the box go to index n and are dropped)."""
+  idx, inside = _cell_index(points, box_min, box_max, jnp.array(shape))
+  flat = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
+  n = flat_grid.shape[0]
+  return flat_grid.at[jnp.where(keep & inside, flat, n)].max(1.0, mode='drop')
+
+
 def occupancy_grid(points: jnp.ndarray, valid: jnp.ndarray, box_min, box_max,
                    shape: tuple[int, int, int], dilation: int = 1) -> jnp.ndarray:
   """Marks the cells holding a LiDAR return, dilated by `dilation` cells.
@@ -59,14 +69,9 @@ def occupancy_grid(points: jnp.ndarray, valid: jnp.ndarray, box_min, box_max,
   Returns:
     [X, Y, Z] float32, 1 in occupied (or dilated) cells, else 0.
   """
-  size = jnp.array(shape)
-  idx, inside = _cell_index(points.astype(jnp.float32), box_min, box_max, size)
-  inside = valid.astype(bool) & inside
-  flat = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
   n = shape[0] * shape[1] * shape[2]
-  # One scatter for all points; the points outside go to index n and are dropped.
-  grid = jnp.zeros((n,), jnp.float32).at[jnp.where(inside, flat, n)].max(1.0, mode='drop')
-  grid = grid.reshape(shape)
+  grid = _mark_cells(jnp.zeros((n,), jnp.float32), points.astype(jnp.float32),
+                     valid.astype(bool), box_min, box_max, shape).reshape(shape)
   if dilation:
     w = 2 * dilation + 1
     grid = jax.lax.reduce_window(grid, 0.0, jax.lax.max, (w, w, w), (1, 1, 1), 'SAME')
@@ -135,16 +140,12 @@ def free_space_grid(points: jnp.ndarray, valid: jnp.ndarray, box_min, box_max,
   start, end, hit = box_near_far(jnp.zeros_like(points), dirs, box_min, box_max, 0.0)
   end = jnp.minimum(end, dist - margin)
   ok = valid.astype(bool) & hit & (end > start)                           # [P]
-  size = jnp.array(shape)
   n = shape[0] * shape[1] * shape[2]
 
   def carve(grid, frac):                                                   # frac [per_chunk]
     t = start[:, None] + frac[None, :] * (end - start)[:, None]            # [P, per_chunk]
-    idx, inside = _cell_index((t[..., None] * dirs[:, None, :]).reshape(-1, 3), box_min,
-                              box_max, size)
-    inside = inside & jnp.repeat(ok, frac.shape[0])
-    flat = (idx[:, 0] * shape[1] + idx[:, 1]) * shape[2] + idx[:, 2]
-    return grid.at[jnp.where(inside, flat, n)].max(1.0, mode='drop'), None
+    return _mark_cells(grid, (t[..., None] * dirs[:, None, :]).reshape(-1, 3),
+                       jnp.repeat(ok, frac.shape[0]), box_min, box_max, shape), None
 
   if num_chunks == 1:
     grid, _ = carve(jnp.zeros((n,), jnp.float32), fractions[0])
