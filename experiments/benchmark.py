@@ -21,7 +21,9 @@ renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours a
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
 with renderer_vs_torch (both times, the sizes); full_config_device_memory_gib (temp + argument
 + output - alias of the compiled full.flags step at per-device batch 2,
-experiments.memory_report) with full_config_memory (its parts).
+experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
+process runs with glibc's huge-page malloc, experiments.launch: the step is ~30% slower
+without it on CPU).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from absl import flags
 
 from experiments import flags as nsflags
+from experiments import launch
 
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write the results as JSON to this file.')
 _STEPS = flags.DEFINE_integer('bench_steps', 5, 'Timed train steps (after one warm-up step).')
@@ -491,6 +494,7 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['param_counts'] = param_counts(config)
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
+  results['hugepage_malloc'] = launch.hugepage_malloc_active()
   twin = torch_speedup(config) if torch else None
   results['renderer_speedup_vs_torch'] = twin and twin['renderer_speedup_vs_torch']
   results['renderer_vs_torch'] = twin

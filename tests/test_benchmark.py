@@ -79,6 +79,7 @@ def test_run_benchmarks_json(tmp_path):
   assert results['compile_seconds'] == pytest.approx(results['compile_lower_seconds']
                                                      + results['compile_xla_seconds'])
   assert isinstance(results['compile_cache_used'], bool)
+  assert isinstance(results['hugepage_malloc'], bool)
 
   parts = results['parts']
   assert list(parts) == [name for name, _ in benchmark.PARTS]
