@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config
 from nsmae_jax.data.schema import NUM_MAP_CLASSES
 from nsmae_jax.models import NSMAEBackbone, compute_dtype
+from nsmae_jax.models.norm import LayerNorm
 
 
 
@@ -38,7 +39,7 @@ class BEVSegHead(nn.Module):
     x = jax.image.resize(bev, (b, self.out_cells, self.out_cells, cb), 'bilinear')
     for k in range(2):
       x = nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{k}')(x)
-      x = nn.relu(nn.LayerNorm(dtype=self.dtype, name=f'norm{k}')(x))
+      x = nn.relu(LayerNorm(dtype=self.dtype, name=f'norm{k}')(x))
     # Bias towards "absent" (prior 0.1, as detection heads do) so early focal losses are small.
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier',
                      bias_init=nn.initializers.constant(-2.2))(x)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.norm import LayerNorm
+
 MODALITIES = ('camera', 'lidar')
 
 
@@ -122,7 +124,7 @@ class Fusion(nn.Module):
     if camera_volume is not None:
       fuse_in['camera'] = camera_volume
     v = SplitInputConv(cv, ndim=3, dtype=self.dtype, name='fuse0')(fuse_in)
-    v = nn.relu(nn.LayerNorm(dtype=self.dtype, name='fuse_norm')(v))
+    v = nn.relu(LayerNorm(dtype=self.dtype, name='fuse_norm')(v))
     v = v + Conv3x3x3(cv, dtype=self.dtype, name='fuse1')(v)
     b, x, y, z, _ = v.shape
     bev_in = {'volume': v.reshape(b, x, y, z * cv)}

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.norm import LayerNorm
+
 NUM_POINT_FEATURES = 10  # x, y, z, intensity, time lag, 3 offsets to the mean, 2 to the centre
 
 
@@ -110,11 +112,11 @@ class PillarFeatureNet(nn.Module):
     x = jax.vmap(lambda pt, i: point_features(pt, i, self.cells, self.half_extent))(points, ids)
     seg = (ids + jnp.arange(b)[:, None] * (n + 1)).reshape(-1)   # per-sample segments
     x = x.reshape(b * p, NUM_POINT_FEATURES).astype(self.dtype)
-    h = nn.relu(nn.LayerNorm(dtype=self.dtype)(
+    h = nn.relu(LayerNorm(dtype=self.dtype)(
         nn.Dense(self.features // 2, dtype=self.dtype)(x)))
     pmax = jax.ops.segment_max(h, seg, b * (n + 1))
     h = jnp.concatenate([h, pmax[seg]], axis=-1)
-    h = nn.relu(nn.LayerNorm(dtype=self.dtype)(nn.Dense(self.features, dtype=self.dtype)(h)))
+    h = nn.relu(LayerNorm(dtype=self.dtype)(nn.Dense(self.features, dtype=self.dtype)(h)))
     pillars = jax.ops.segment_max(h, seg, b * (n + 1)).reshape(b, n + 1, self.features)[:, :n]
     counts = jax.ops.segment_sum((ids < n).astype(jnp.int32).reshape(-1), seg, b * (n + 1))
     occupied = counts.reshape(b, n + 1)[:, :n, None] > 0
@@ -134,10 +136,10 @@ class BEVBackbone(nn.Module):
 
   def _stage(self, x, stride, name):
     x = nn.Conv(self.channels, (3, 3), strides=stride, dtype=self.dtype, name=f'{name}_down')(x)
-    x = nn.relu(nn.LayerNorm(dtype=self.dtype, name=f'{name}_norm0')(x))
+    x = nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm0')(x))
     for k in range(1, self.blocks):
       y = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name=f'{name}_conv{k}')(x)
-      x = x + nn.relu(nn.LayerNorm(dtype=self.dtype, name=f'{name}_norm{k}')(y))
+      x = x + nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm{k}')(y))
     return x
 
   @nn.compact

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.norm import LayerNorm
+
 
 def num_visible(num_tokens: int, ratio: float) -> int:
   """Tokens kept per camera: T - round(ratio * T), at least 1."""
@@ -47,9 +49,9 @@ class Block(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[N, T, D] -> [N, T, D]."""
     d = x.shape[-1]
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = LayerNorm(dtype=self.dtype)(x)
     x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype)(y, y)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = LayerNorm(dtype=self.dtype)(x)
     y = nn.Dense(d * self.mlp_ratio, dtype=self.dtype)(y)
     return x + nn.Dense(d, dtype=self.dtype)(nn.gelu(y))
 
@@ -96,7 +98,7 @@ class ViTEncoder(nn.Module):
     block = nn.remat(Block) if self.remat else Block  # nn.remat keeps the param tree
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio, dtype=self.dtype, name=f'block{i}')(x)
-    x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x).reshape(b, k, n_keep, self.width)
+    x = LayerNorm(dtype=self.dtype, name='encoder_norm')(x).reshape(b, k, n_keep, self.width)
     # Created unconditionally so that the parameter tree does not depend on `mask`.
     mask_token = self.param('mask_token', nn.initializers.normal(0.02), (self.width,))
     if keep is not None:

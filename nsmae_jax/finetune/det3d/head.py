@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config
 from nsmae_jax.data.schema import NUM_DETECTION_CLASSES
 from nsmae_jax.models import NSMAEBackbone, compute_dtype
+from nsmae_jax.models.norm import LayerNorm
 
 # Regression channels of the head, in this order (all at a box's centre cell):
 #   0-1 offset of the centre inside its cell (x, y; in cells, [0, 1)), 2 z (m), 3-5 log l, w, h
@@ -56,7 +57,7 @@ class CenterHead(nn.Module):
 
     def block(h, name):
       h = nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'{name}_conv')(h)
-      return nn.relu(nn.LayerNorm(dtype=self.dtype, name=f'{name}_norm')(h))
+      return nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm')(h))
 
     shared = block(x, 'shared')
     heat = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='heatmap',

@@ -1,0 +1,56 @@
+"""models.norm.LayerNorm: flax's LayerNorm (params, values, gradients) with matmul-shaped
+scale/bias gradients."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsmae_jax.models.norm import LayerNorm
+
+
+@pytest.mark.parametrize('shape', [(2, 300, 24), (5, 7)])
+def test_layer_norm_matches_flax_in_values_and_gradients(shape):
+  ours, ref = LayerNorm(), nn.LayerNorm()
+  x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.5
+  g = jax.random.normal(jax.random.key(1), shape)
+  params = ref.init(jax.random.key(2), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(2), x)) == \
+      jax.tree.map(jnp.shape, params)
+  # Non-trivial scale and bias, the same for both (our module reads flax's tree as it is).
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape),
+                        params)
+
+  @jax.jit
+  def both(params, x):
+    loss = lambda m: lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * g)
+    return [(m.apply(params, x), jax.grad(loss(m), argnums=(0, 1))(params, x))
+            for m in (ours, ref)]
+
+  (y, (dp, dx)), (y_ref, (dp_ref, dx_ref)) = both(params, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+  for k in ('scale', 'bias'):
+    np.testing.assert_allclose(dp['params'][k], dp_ref['params'][k], rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_under_vmap_and_bf16():
+  """Per-example vmap with shared params (the train step's form) sums the param cotangents over
+  examples; bf16 compute keeps float32 params and returns bf16."""
+  x = jax.random.normal(jax.random.key(0), (3, 40, 16))
+  ours, ref = LayerNorm(dtype=jnp.bfloat16), nn.LayerNorm(dtype=jnp.bfloat16)
+  params = ref.init(jax.random.key(1), x[0])
+
+  def grads(m):
+    per = lambda p, xi: jnp.sum(m.apply(p, xi).astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(per, in_axes=(None, 0))(p, x))))(params)
+
+  out = ours.apply(params, x[0])
+  assert out.dtype == jnp.bfloat16
+  d, d_ref = grads(ours), grads(ref)
+  for k in ('scale', 'bias'):
+    assert d['params'][k].dtype == jnp.float32
+    np.testing.assert_allclose(d['params'][k], d_ref['params'][k], rtol=3e-2, atol=3e-2)
