@@ -46,13 +46,6 @@ def test_relaunch_env_adds_the_tunable_to_entry_points_only():
   assert launch.relaunch_env({}, [PY, '-c', 'import experiments'], **LINUX) is None
 
 
-def test_importing_experiments_in_this_process_does_not_relaunch():
-  # pytest imported experiments (this file did) and is still here, without the tunable unless
-  # the caller set it.
-  assert sys.modules['experiments']
-  assert launch.entry_module(getattr(sys, 'orig_argv', [])) != 'experiments'
-
-
 @pytest.mark.slow
 def test_entry_point_runs_with_hugepage_malloc(tmp_path):
   """`python -m experiments.<name>` re-executes once with the tunable and keeps its arguments;
