@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from nsmae_jax.config import Config
@@ -23,3 +24,11 @@ def tiny_config(tmp_dir: str = '', **overrides) -> Config:
     base['workdir'] = os.path.join(tmp_dir, 'workdir')
   base.update(overrides)
   return Config().replace(**base)
+
+
+def flat_draw(sample, key, shape, **kwargs):
+  """`sample(key, shape, **kwargs)` for a jax.random sampler (normal, uniform), drawn flat and
+  reshaped: the same values (the partitionable threefry counts in the flat index), but XLA:CPU
+  compiles a flat draw in a fraction of the time of a shaped one (about 0.2 s against 2-3 s
+  for rank 5)."""
+  return sample(key, (math.prod(shape),), **kwargs).reshape(shape)

@@ -4,11 +4,21 @@ focal / L1 losses."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from nsmae_jax.data.schema import DETECTION_CLASSES
-from nsmae_jax.finetune.det3d import center_targets, decode, focal_loss, regression_loss
+from nsmae_jax.finetune import det3d
+
+# The functions under test, jitted (grid and decoding settings static): one compilation per
+# call signature instead of an eager dispatch, and compilation, of every op.
+decode = jax.jit(det3d.decode, static_argnames=('half_extent', 'resolution', 'top_k',
+                                                'score_threshold', 'nms'))
+center_targets = jax.jit(det3d.center_targets, static_argnames=('half_extent', 'resolution',
+                                                                'cells'))
+focal_loss = jax.jit(det3d.focal_loss)
+regression_loss = jax.jit(det3d.regression_loss)
 
 CAR, PED = DETECTION_CLASSES.index('car'), DETECTION_CLASSES.index('pedestrian')
 E, R, N = 8.0, 1.0, 16  # grid: 16 x 16 cells of 1 m over [-8, 8]^2

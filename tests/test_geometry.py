@@ -1,12 +1,23 @@
 """nsmae_jax.geometry: projection, rays and sampling share one pixel-centre convention (OpenCV:
 centres at integers), the one the converter's resized intrinsics and cv2.resize use."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from data_prep.nuscenes_nsmae.record import resized_intrinsics
-from nsmae_jax.geometry import (bev_rays, bilinear_sample, camera_rays, grid_centers, in_image,
-                                pixel_centers, pixel_index, project_points)
+from nsmae_jax import geometry
+
+# The functions under test, jitted (sizes static): one compilation per call signature instead
+# of an eager dispatch, and compilation, of every op.
+project_points = jax.jit(geometry.project_points)
+camera_rays = jax.jit(geometry.camera_rays)
+bev_rays = jax.jit(geometry.bev_rays)
+in_image = jax.jit(geometry.in_image, static_argnums=(1, 2))
+pixel_index = jax.jit(geometry.pixel_index, static_argnums=(1, 2))
+pixel_centers = jax.jit(geometry.pixel_centers, static_argnums=(0, 1))
+grid_centers = jax.jit(geometry.grid_centers, static_argnums=(0, 1, 2))
+bilinear_sample = jax.jit(geometry.bilinear_sample, static_argnums=2)
 
 # A nuScenes CAM_FRONT-like camera (1600 x 900) stored at 176 x 64, as the demo converts it.
 NATIVE_HW, STORED_HW = (900, 1600), (64, 176)

@@ -10,16 +10,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import flat_draw, tiny_config
 from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.render import RadianceField, composite, render_rays, stratified_samples
-from nsmae_jax.render.guidance import (UNKNOWN, carved_occupancy_grid, carving_steps,
-                                       free_space_grid, grid_shape, guided_samples,
-                                       inverse_cdf_samples, occupancy_grid, occupancy_lookup)
+from nsmae_jax.render import guidance
+from nsmae_jax.render.guidance import UNKNOWN, carving_steps, grid_shape
 from nsmae_jax.render.sampling import trilinear_interpolate
 
 BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
 SHAPE = grid_shape(*BOX, 0.5)                     # (128, 128, 12)
+
+# The functions under test, jitted (the box, grid shape, counts and switches static): one
+# compilation per call signature instead of an eager dispatch, and compilation, of every op.
+_BOX_ARGS = ('box_min', 'box_max')
+occupancy_grid = jax.jit(guidance.occupancy_grid,
+                         static_argnames=_BOX_ARGS + ('shape', 'dilation'))
+free_space_grid = jax.jit(guidance.free_space_grid,
+                          static_argnames=_BOX_ARGS + ('shape', 'margin', 'chunk'))
+carved_occupancy_grid = jax.jit(guidance.carved_occupancy_grid,
+                                static_argnames=_BOX_ARGS + ('shape', 'dilation', 'margin',
+                                                             'chunk'))
+occupancy_lookup = jax.jit(guidance.occupancy_lookup, static_argnames=_BOX_ARGS + ('outside',))
+inverse_cdf_samples = jax.jit(guidance.inverse_cdf_samples,
+                              static_argnames=('num_samples', 'uniform_fraction', 'carving'))
+guided_samples = jax.jit(guidance.guided_samples,
+                         static_argnames=_BOX_ARGS + ('num_samples', 'coarse_samples',
+                                                      'uniform_fraction', 'carving'))
 
 
 def _cell(p):
@@ -63,17 +79,23 @@ def test_occupancy_lookup_reads_the_cell_and_zero_outside():
 
 def _wall_ray_samples(num_samples, jitter=None, wall=True):
   points = _wall() if wall else np.zeros((1, 3), np.float32)
-  grid = occupancy_grid(points, np.full(len(points), wall), *BOX, SHAPE)[None]
+  return _wall_ray_samples_of(points, np.full(len(points), wall), jitter, num_samples)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _wall_ray_samples_of(points, valid, jitter, num_samples):
+  grid = guidance.occupancy_grid(points, valid, *BOX, SHAPE)[None]
   origins = jnp.array([[[0.0, 0.0, 0.0], [0.0, 1.0, 0.5]]])
   dirs = jnp.array([[[1.0, 0.0, 0.0], [0.995, 0.0, -0.0998]]])
   near, far = jnp.full((1, 2), 0.5), jnp.full((1, 2), 30.0)
-  return guided_samples(grid, origins, dirs, near, far, num_samples, 128, 0.2, *BOX, jitter)
+  return guidance.guided_samples(grid, origins, dirs, near, far, num_samples, 128, 0.2, *BOX,
+                                 jitter)
 
 
 @pytest.mark.parametrize('jittered', [False, True])
 def test_guided_samples_are_sorted_inside_and_gather_at_the_wall(jittered):
   s = 16
-  jitter = jax.random.uniform(jax.random.key(3), (1, 2, s)) if jittered else None
+  jitter = flat_draw(jax.random.uniform, jax.random.key(3), (1, 2, s)) if jittered else None
   t, deltas = _wall_ray_samples(s, jitter)
   t, deltas = np.asarray(t), np.asarray(deltas)
   assert np.all(np.diff(t, axis=-1) >= 0)
@@ -90,7 +112,8 @@ def test_guided_samples_are_sorted_inside_and_gather_at_the_wall(jittered):
 
 def test_an_empty_grid_gives_stratified_samples():
   t, deltas = _wall_ray_samples(8, wall=False)
-  ref_t, ref_d = stratified_samples(None, jnp.float32(0.5), jnp.float32(30.0), 8)
+  ref_t, ref_d = jax.jit(stratified_samples, static_argnums=3)(None, jnp.float32(0.5),
+                                                               jnp.float32(30.0), 8)
   np.testing.assert_allclose(t[0, 0], ref_t, rtol=1e-5)
   np.testing.assert_allclose(deltas[0, 0], ref_d, rtol=1e-5)
 
@@ -123,17 +146,26 @@ def test_carving_off_is_the_binary_sampler(jittered):
   occ = (jax.random.uniform(jax.random.key(5), (6, 32)) > 0.8).astype(jnp.float32)
   near, far = jnp.full((6,), 0.5), jnp.linspace(5.0, 40.0, 6)
   jitter = jax.random.uniform(jax.random.key(6), (6, 8)) if jittered else None
-  new = jax.vmap(lambda o, n, f, j: inverse_cdf_samples(o, n, f, 8, 0.2, j, carving=False),
-                 in_axes=(0, 0, 0, 0 if jittered else None))(occ, near, far, jitter)
-  ref = jax.vmap(lambda o, n, f, j: _binary_reference(o, n, f, 8, 0.2, j),
-                 in_axes=(0, 0, 0, 0 if jittered else None))(occ, near, far, jitter)
+  in_axes = (0, 0, 0, 0 if jittered else None)
+
+  @jax.jit
+  def run(occ, near, far, jitter):
+    new = jax.vmap(lambda o, n, f, j: guidance.inverse_cdf_samples(o, n, f, 8, 0.2, j,
+                                                                   carving=False),
+                   in_axes=in_axes)(occ, near, far, jitter)
+    ref = jax.vmap(lambda o, n, f, j: _binary_reference(o, n, f, 8, 0.2, j),
+                   in_axes=in_axes)(occ, near, far, jitter)
+    # A three-state grid with nothing carved (unknown where the binary grid has 0) gives the
+    # binary sampler's pdf: the floor over the not-free bins is the floor over all of them.
+    carved = jnp.where(occ > 0, 1.0, UNKNOWN)
+    same = jax.vmap(lambda o, n, f, j: guidance.inverse_cdf_samples(o, n, f, 8, 0.2, j,
+                                                                    carving=True),
+                    in_axes=in_axes)(carved, near, far, jitter)
+    return new, ref, same
+
+  new, ref, same = run(occ, near, far, jitter)
   for a, b in zip(new, ref):
     np.testing.assert_array_equal(a, b)
-  # A three-state grid with nothing carved (unknown where the binary grid has 0) gives the
-  # binary sampler's pdf: the floor over the not-free bins is the floor over all of them.
-  carved = jnp.where(occ > 0, 1.0, UNKNOWN)
-  same = jax.vmap(lambda o, n, f, j: inverse_cdf_samples(o, n, f, 8, 0.2, j, carving=True),
-                  in_axes=(0, 0, 0, 0 if jittered else None))(carved, near, far, jitter)
   np.testing.assert_allclose(same[0], ref[0], rtol=1e-5)
 
 
@@ -188,7 +220,7 @@ def _carved_wall_ray(num_samples, carving, far=30.0, jitter=None):
 @pytest.mark.parametrize('jittered', [False, True])
 def test_carving_puts_no_samples_in_free_space_and_more_at_the_wall(jittered):
   s = 32
-  jitter = jax.random.uniform(jax.random.key(8), (1, 1, s)) if jittered else None
+  jitter = flat_draw(jax.random.uniform, jax.random.key(8), (1, 1, s)) if jittered else None
   # The ray leaves the volume 2 m behind the wall: the carved floor goes to the wall's cells
   # and the 1 m of unknown behind them, the binary one mostly to the free 19 m in front.
   grid, t, deltas = _carved_wall_ray(s, True, far=22.0, jitter=jitter)
@@ -230,7 +262,7 @@ def test_all_free_bins_fall_back_to_uniform(jittered):
 def test_carving_jits_and_vmaps_over_a_batch():
   points = jnp.stack([_wall(20.0), _wall(-12.0)])
   valid = jnp.ones(points.shape[:2], bool).at[1, ::2].set(False)
-  build = jax.jit(jax.vmap(lambda p, v: carved_occupancy_grid(p, v, *BOX, SHAPE)))
+  build = jax.jit(jax.vmap(lambda p, v: guidance.carved_occupancy_grid(p, v, *BOX, SHAPE)))
   grids = build(points, valid)
   for b in range(2):
     np.testing.assert_array_equal(grids[b], carved_occupancy_grid(points[b], valid[b], *BOX,
@@ -239,9 +271,9 @@ def test_carving_jits_and_vmaps_over_a_batch():
   dirs = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
   dirs = jnp.broadcast_to(dirs, (2, 3, 3))
   near, far = jnp.full((2, 3), 0.5), jnp.full((2, 3), 31.0)
-  jitter = jax.random.uniform(jax.random.key(10), (2, 3, 16))
-  sample = jax.jit(lambda g, j: guided_samples(g, origins, dirs, near, far, 16, 128, 0.2, *BOX,
-                                               j, carving=True))
+  jitter = flat_draw(jax.random.uniform, jax.random.key(10), (2, 3, 16))
+  sample = jax.jit(lambda g, j: guidance.guided_samples(g, origins, dirs, near, far, 16, 128,
+                                                        0.2, *BOX, j, carving=True))
   t, deltas = sample(grids, jitter)
   t = np.asarray(t)
   assert np.all(np.isfinite(t)) and np.all(np.diff(t, axis=-1) >= 0)
@@ -253,30 +285,35 @@ def test_carving_jits_and_vmaps_over_a_batch():
 
 def test_render_rays_threads_carving_to_the_sampler():
   field, params, volume, origins, dirs, near, far = _field_setup()
-  points = jax.random.uniform(jax.random.key(4), (2, 64, 3), minval=-8, maxval=8)
-  grid = jax.jit(jax.vmap(lambda p: carved_occupancy_grid(p, jnp.ones(64, bool), *BOX, SHAPE)))(
-      points)
+  points = flat_draw(jax.random.uniform, jax.random.key(4), (2, 64, 3), minval=-8, maxval=8)
+  grid = jax.jit(jax.vmap(lambda p: guidance.carved_occupancy_grid(p, jnp.ones(64, bool), *BOX,
+                                                                    SHAPE)))(points)
   out = jax.jit(lambda g: render_rays(functools.partial(field.apply, params), volume, origins,
                                       dirs, near, far, 6, *BOX, key=None, occupancy=g,
                                       free_space_carving=True))(grid)
-  t, _ = jax.jit(lambda g: guided_samples(g, origins, dirs, near, far, 6, 128, 0.2, *BOX,
-                                          carving=True))(grid)
+  t, _ = guided_samples(grid, origins, dirs, near, far, 6, 128, 0.2, *BOX, carving=True)
   np.testing.assert_array_equal(out['t'], t)
   assert np.all(np.isfinite(np.asarray(out['depth'])))
 
 
+@functools.cache
 def _field_setup():
   field = RadianceField(width=8, depth=1, pos_freqs=2, dir_freqs=1, box_min=BOX[0],
                         box_max=BOX[1])
-  params = field.init(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
-                      jnp.zeros((4, 3)))
-  keys = jax.random.split(jax.random.key(2), 3)
-  volume = jax.random.normal(keys[0], (2, 8, 8, 3, 5))
-  origins = jax.random.uniform(keys[1], (2, 6, 3), minval=-3, maxval=3)
-  dirs = jax.random.normal(keys[2], (2, 6, 3))
-  dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
-  near, far = jnp.full((2, 6), 0.5), jnp.full((2, 6), 25.0)
-  return field, params, volume, origins, dirs, near, far
+
+  @jax.jit  # one compilation rather than an eager init
+  def arrays():
+    params = field.init(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
+                        jnp.zeros((4, 3)))
+    keys = jax.random.split(jax.random.key(2), 3)
+    volume = flat_draw(jax.random.normal, keys[0], (2, 8, 8, 3, 5))
+    origins = flat_draw(jax.random.uniform, keys[1], (2, 6, 3), minval=-3, maxval=3)
+    dirs = flat_draw(jax.random.normal, keys[2], (2, 6, 3))
+    dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
+    near, far = jnp.full((2, 6), 0.5), jnp.full((2, 6), 25.0)
+    return params, volume, origins, dirs, near, far
+
+  return (field,) + arrays()
 
 
 def test_stratified_render_is_the_plain_quadrature():
@@ -285,34 +322,48 @@ def test_stratified_render_is_the_plain_quadrature():
   field, params, volume, origins, dirs, near, far = _field_setup()
   fn = functools.partial(field.apply, params)
   key, s = jax.random.key(7), 5
-  out = render_rays(fn, volume, origins, dirs, near, far, s, *BOX, key=key)
-  jitter = jax.random.uniform(key, (2, 6, s))
-  t, deltas = jax.vmap(jax.vmap(lambda n, f, j: stratified_samples(None, n, f, s, j)))(
-      near, far, jitter)
-  points = origins[:, :, None] + t[..., None] * dirs[:, :, None]
-  feats = jnp.stack([trilinear_interpolate(volume[b], points[b].reshape(-1, 3), *BOX)
-                     for b in range(2)])
-  density, color = fn(feats.reshape(-1, 5), points.reshape(-1, 3),
-                      jnp.broadcast_to(dirs[:, :, None], points.shape).reshape(-1, 3))
-  ref = composite(density.reshape(2, 6, s), color.reshape(2, 6, s, 3), t, deltas, far)
+
+  def reference(key):
+    jitter = jax.random.uniform(key, (2, 6, s))
+    t, deltas = jax.vmap(jax.vmap(lambda n, f, j: stratified_samples(None, n, f, s, j)))(
+        near, far, jitter)
+    points = origins[:, :, None] + t[..., None] * dirs[:, :, None]
+    feats = jnp.stack([trilinear_interpolate(volume[b], points[b].reshape(-1, 3), *BOX)
+                       for b in range(2)])
+    density, color = fn(feats.reshape(-1, 5), points.reshape(-1, 3),
+                        jnp.broadcast_to(dirs[:, :, None], points.shape).reshape(-1, 3))
+    return t, composite(density.reshape(2, 6, s), color.reshape(2, 6, s, 3), t, deltas, far)
+
+  # One compilation: the renderer and the reference.
+  out, (t, ref) = jax.jit(lambda k: (
+      render_rays(fn, volume, origins, dirs, near, far, s, *BOX, key=k), reference(k)))(key)
   np.testing.assert_array_equal(out['t'], t)
   for name in ('color', 'depth', 'weights'):
     np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize('remat', [False, True])
-def test_guided_render_is_finite_and_trains_field_and_volume(remat):
+@functools.cache
+def _guided_render_grads():
+  """((loss, render_rays outputs), grads w.r.t. field params and volume) of a guided render
+  without and with remat, in one compilation."""
   field, params, volume, origins, dirs, near, far = _field_setup()
-  points = jax.random.uniform(jax.random.key(4), (2, 64, 3), minval=-8, maxval=8)
+  points = flat_draw(jax.random.uniform, jax.random.key(4), (2, 64, 3), minval=-8, maxval=8)
   grid = jax.vmap(lambda p: occupancy_grid(p, jnp.ones(64, bool), *BOX, SHAPE))(points)
 
-  def loss(params, volume):
-    out = render_rays(functools.partial(field.apply, params), volume, origins, dirs, near, far,
-                      6, *BOX, key=jax.random.key(0), occupancy=grid, remat=remat)
-    return jnp.mean(out['depth']) + jnp.mean(out['color']), out
+  def value_and_grad(remat):
+    def loss(params, volume):
+      out = render_rays(functools.partial(field.apply, params), volume, origins, dirs, near,
+                        far, 6, *BOX, key=jax.random.key(0), occupancy=grid, remat=remat)
+      return jnp.mean(out['depth']) + jnp.mean(out['color']), out
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
-  (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+  return jax.jit(lambda p, v: (value_and_grad(False)(p, v), value_and_grad(True)(p, v)))(
       params, volume)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_guided_render_is_finite_and_trains_field_and_volume(remat):
+  (value, out), grads = _guided_render_grads()[remat]
   assert np.isfinite(value) and out['t'].shape == (2, 6, 6)
   assert np.all(np.diff(np.asarray(out['t']), axis=-1) >= 0)
   for g in jax.tree.leaves(grads):
@@ -366,7 +417,7 @@ def test_model_occupancy_is_three_state_with_carving(carving):
   model = pretrain.build_pretrain_model(config)
   points = jnp.concatenate([jnp.asarray(_wall()), jnp.zeros((len(_wall()), 1))], -1)[None]
   batch = {'points': points, 'points_mask': jnp.ones(points.shape[:2], bool)}
-  grid = model.apply({'params': {}}, batch, method=model.occupancy)
+  grid = jax.jit(lambda b: model.apply({'params': {}}, b, method=model.occupancy))(batch)
   lo, hi = config.volume_bounds
   shape = grid_shape(lo, hi, config.render.occupancy_cell)
   build = carved_occupancy_grid if carving else occupancy_grid

@@ -20,6 +20,26 @@ from nsmae_jax.data.schema import DETECTION_CLASSES, MAP_CLASSES
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _each_plot_drawn_once(monkeypatch):
+  """The report's plot (0.2-0.4 s of matplotlib) is not drawn again for the same figure to the
+  same file while that file is still the one drawn: the runner rewrites a report after every
+  cell and again at its end, and a resumed grid rewrites it unchanged. Any other call draws."""
+  draw, drawn = report._plot, {}
+
+  def plot(groups, spec, path, title):
+    figure = repr((groups, spec, title))
+    if os.path.exists(path):
+      st = os.stat(path)
+      if drawn.get(path) == (figure, st.st_size, st.st_mtime_ns):
+        return
+    draw(groups, spec, path, title)
+    st = os.stat(path)
+    drawn[path] = (figure, st.st_size, st.st_mtime_ns)
+
+  monkeypatch.setattr(report, '_plot', plot)
+
+
 def test_plan_is_seed_major_with_ablations_last():
   cells = le.plan([0.01, 1.0], [0, 1], ablations=['no_mask'], ablation_fractions=(0.05,))
   assert cells[:4] == [('scratch', 0.01, 0), ('pretrained', 0.01, 0), ('scratch', 1.0, 0),

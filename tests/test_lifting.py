@@ -22,6 +22,10 @@ def _devkit_uv(point: np.ndarray, intrinsics: np.ndarray, cam2lidar: np.ndarray)
   return uv, p_cam[2]
 
 
+# lift_features jitted (volume shape, bounds and image size static).
+_lift_jit = jax.jit(lift_features, static_argnums=(3, 4, 5, 6))
+
+
 def test_feature_at_the_devkit_pixel_is_what_the_voxel_receives():
   config = tiny_config()
   batch = fake_batch(config, 1)
@@ -49,8 +53,7 @@ def test_feature_at_the_devkit_pixel_is_what_the_voxel_receives():
     # A constant 3x3 block around the pixel: bilinear sampling anywhere inside the pixel
     # returns exactly the block's value.
     fm[cam, max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = value
-    volume, seen = jax.jit(lift_features, static_argnums=(3, 4, 5, 6))(
-        fm, intr, c2l, shape, box_min, box_max, (h, w))
+    volume, seen = _lift_jit(fm, intr, c2l, shape, box_min, box_max, (h, w))
     i, j, k = np.unravel_index(idx, shape)
     np.testing.assert_allclose(np.asarray(volume)[i, j, k], value, rtol=1e-5, atol=1e-6)
     assert int(seen[i, j, k]) == 1
@@ -69,8 +72,8 @@ def test_voxels_average_over_the_cameras_that_see_them_and_unseen_are_zero():
   # the cameras that see it.
   fm = np.broadcast_to(np.arange(1, 7, dtype=np.float32)[:, None, None, None],
                        (6, h, w, 1)).copy()
-  volume, seen = lift_features(fm, batch['intrinsics'][0], batch['cam2lidar'][0],
-                               config.volume_shape, box_min, box_max, (h, w))
+  volume, seen = _lift_jit(fm, batch['intrinsics'][0], batch['cam2lidar'][0],
+                           config.volume_shape, box_min, box_max, (h, w))
   volume, seen = np.asarray(volume)[..., 0], np.asarray(seen)
   centres = np.asarray(voxel_centers(config.volume_shape, box_min, box_max)).reshape(-1, 3)
   expected = np.zeros(len(centres))
@@ -118,17 +121,16 @@ def test_dense_and_gather_lifting_agree_in_value_and_gradients():
   feats = rng.normal(size=(3,) + _FEAT + (5,)).astype(np.float32)
   cot = rng.normal(size=_SHAPE + (5,)).astype(np.float32)
 
-  def run(dense):
+  def run(dense, f, c):
     def loss(f, c):
       vol, _ = lift_features(f, intr, c, _SHAPE, *_BOX, _HW, dense=dense)
       return jnp.sum(jnp.sin(vol) * cot)
-    vol, seen = jax.jit(lambda f: lift_features(f, intr, c2l, _SHAPE, *_BOX, _HW, dense=dense))(
-        feats)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(feats, c2l)
-    return np.asarray(vol), np.asarray(seen), grads
+    vol, seen = lift_features(f, intr, c, _SHAPE, *_BOX, _HW, dense=dense)
+    return vol, seen, jax.grad(loss, argnums=(0, 1))(f, c)
 
-  vol_d, seen_d, (gf_d, gc_d) = run(True)
-  vol_g, seen_g, (gf_g, gc_g) = run(False)
+  # One compilation: both paths, values and gradients.
+  (vol_d, seen_d, (gf_d, gc_d)), (vol_g, seen_g, (gf_g, gc_g)) = jax.tree.map(
+      np.asarray, jax.jit(lambda f, c: (run(True, f, c), run(False, f, c)))(feats, c2l))
   counts = set(np.unique(seen_g).tolist())
   assert 0 in counts and 1 in counts and 2 in counts, counts   # blind, single and shared voxels
   np.testing.assert_array_equal(seen_d, seen_g)

@@ -19,6 +19,13 @@ def _example(config, seed=0):
   return {k: jnp.asarray(v[0]) for k, v in b.items()}
 
 
+@jax.jit
+def _bev_cells(example):
+  """targets.bev_cell_targets of one example at CONFIG (one compilation for every test)."""
+  return targets.bev_cell_targets(*targets._example_args(CONFIG, example),
+                                  CONFIG.volume_shape[:2], *CONFIG.volume_bounds)
+
+
 def _draw(config, example, key=0):
   return jax.jit(lambda k, ex: jax.tree.map(lambda a: a[0], targets.draw_rays(
       config, k, jax.tree.map(lambda a: a[None], ex))))(jax.random.key(key), example)
@@ -41,12 +48,15 @@ def test_perspective_lidar_rays_hit_the_nearest_key_frame_return_of_their_pixel(
   # ... and the nearest key-frame return of its pixel in its camera.
   h, w = config.data.image_height, config.data.image_width
   src = np.asarray(tg['image_source'])[:64]
+
+  @jax.jit
+  def project(intrinsics, cam2lidar, cam):   # every point into camera `cam`
+    uv, _, front = project_points(jnp.asarray(pts[:, :3]), intrinsics[cam], cam2lidar[cam])
+    return uv, pixel_index(uv, h, w), front
+
   for r in range(64):
     cam = src[r, 0]
-    uv, _, front = project_points(jnp.asarray(pts[:, :3]), ex['intrinsics'][cam],
-                                  ex['cam2lidar'][cam])
-    rc = np.asarray(pixel_index(uv, h, w))
-    uv = np.asarray(uv)
+    uv, rc, front = (np.asarray(a) for a in project(ex['intrinsics'], ex['cam2lidar'], cam))
     inside = (np.asarray(front) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5)
               & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5))
     same = key & inside & (rc[:, 0] == src[r, 1]) & (rc[:, 1] == src[r, 2])
@@ -86,8 +96,7 @@ def test_bev_colour_only_where_the_top_return_is_visible():
   grid = CONFIG.volume_shape[:2]
   # On one line of sight of camera 0 (at (0, 0.5, -0.3)), off x = 0, a BEV cell edge.
   near, far = [0.1, 5, -0.3, 0, 0], [0.1 * 9.5 / 4.5, 10, -0.3, 0, 0]
-  cells = jax.jit(lambda ex: targets.bev_cell_targets(
-      *targets._example_args(CONFIG, ex), grid, box_min, box_max))(_scene([near, far]))
+  cells = _bev_cells(_scene([near, far]))
   cell = (box_max[0] - box_min[0]) / grid[0]
   flat = lambda p: int((p[0] - box_min[0]) // cell) * grid[1] + int((p[1] - box_min[1]) // cell)
   depth_valid, color_valid = np.asarray(cells['depth_valid']), np.asarray(cells['color_valid'])
@@ -105,8 +114,7 @@ def test_bev_targets_take_the_highest_key_frame_return_per_cell():
   ex = _example(config)
   box_min, box_max = config.volume_bounds
   grid = config.volume_shape[:2]
-  args = targets._example_args(config, ex)
-  cells = jax.jit(lambda *a: targets.bev_cell_targets(*a, grid, box_min, box_max))(*args)
+  cells = _bev_cells(ex)
   p = np.asarray(ex['points'])
   p = p[np.asarray(ex['points_mask']) & (p[:, 4] == 0)][:, :3]
   cell = (box_max[0] - box_min[0]) / grid[0]

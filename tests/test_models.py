@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import flat_draw, tiny_config
 from nsmae_jax import models, pretrain
 from nsmae_jax.pretrain import losses
 from nsmae_jax.config import ConfigError
@@ -26,6 +26,8 @@ def _batch(config, seed=0):
 
 @pytest.fixture(scope='module')
 def setup():
+  """(config, model, batch, params) with params from the model's init (slow: its compilation
+  alone takes 15-20 s on 2 cores)."""
   config = tiny_config(**SMALL)
   task = pretrain.pretrain_task(config)
   batch = _batch(config)
@@ -34,8 +36,22 @@ def setup():
   return config, task.model, batch, params
 
 
-def test_params_tree_has_the_backbone_subtree_and_groups(setup):
-  _, _, _, params = setup
+@pytest.fixture(scope='module')
+def random_setup():
+  """As setup, but the params are the init's tree (shapes, dtypes) drawn N(0, 0.1^2) without
+  compiling the init: for the tests whose claims hold for any weights."""
+  config = tiny_config(**SMALL)
+  task = pretrain.pretrain_task(config)
+  batch = _batch(config)
+  shapes = jax.eval_shape(task.init_params, jax.random.key(0), batch)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray((0.1 * rng.normal(size=s.shape)).astype(s.dtype)),
+                        shapes)
+  return config, task.model, batch, params
+
+
+def test_params_tree_has_the_backbone_subtree_and_groups(random_setup):
+  _, _, _, params = random_setup
   assert set(params) == {'backbone', 'field', 'bev_decoder', 'background'}
   assert set(params['backbone']) == {'lidar', 'camera', 'lifting', 'fusion'}
   groups = pretrain.param_groups(params)
@@ -71,8 +87,8 @@ def test_every_group_gets_gradient_and_the_step_compiles_once(setup):
   assert 'bev_conv' in grads['backbone']['fusion']
 
 
-def test_backbone_interface_shapes(setup):
-  config, _, batch, params = setup
+def test_backbone_interface_shapes(random_setup):
+  config, _, batch, params = random_setup
   backbone = models.NSMAEBackbone(config)
   # Shapes only (no compilation): the pre-trained 'backbone' subtree applies on its own.
   feats = jax.eval_shape(lambda p, b: backbone.apply({'params': p}, b, train=False, mask=False),
@@ -85,10 +101,10 @@ def test_backbone_interface_shapes(setup):
   assert feats['pillar_mask'].shape == (1, config.pillar_cells ** 2)
 
 
-def test_nothing_of_a_dropped_lidar_block_reaches_the_backbone(setup):
+def test_nothing_of_a_dropped_lidar_block_reaches_the_backbone(random_setup):
   """Moving the points inside dropped blocks (fused-volume cells) leaves every backbone output
-  unchanged; moving points of a kept block does not."""
-  config, model, batch, params = setup
+  unchanged; moving points of a kept block does not (with any weights: random ones here)."""
+  config, model, batch, params = random_setup
   apply = jax.jit(lambda p, b: model.apply({'params': p}, b, mask=True, method=model.encode,
                                            rngs={'mask': jax.random.key(3)}))
   feats = apply(params, batch)
@@ -178,18 +194,18 @@ def test_fusion_conv3x3x3_is_the_3d_convolution(shape):
   native 'SAME' 3D convolution, values and gradients (x and kernel), Z = 1 included."""
   from nsmae_jax.models.fusion import _conv3x3x3  # pylint: disable=import-outside-toplevel
   b, nx, ny, nz, cin, cout = shape
-  x = jax.random.normal(jax.random.key(0), (b, nx, ny, nz, cin))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, cout))
+  x = flat_draw(jax.random.normal, jax.random.key(0), (b, nx, ny, nz, cin))
+  kernel = flat_draw(jax.random.normal, jax.random.key(1), (3, 3, 3, cin, cout))
   native = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1, 1), 'SAME', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
       precision=jax.lax.Precision.HIGHEST)
-  cot = jax.random.normal(jax.random.key(2), (b, nx, ny, nz, cout))
-  # One compilation per implementation: values and gradients w.r.t. x and the kernel.
-  both = lambda f: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * cot),
-                                              argnums=(0, 1)))(x, kernel)
-  np.testing.assert_allclose(jax.jit(_conv3x3x3)(x, kernel), jax.jit(native)(x, kernel),
-                             rtol=1e-5, atol=1e-5)
-  (got_sum, got), (want_sum, want) = both(_conv3x3x3), both(native)
+  cot = flat_draw(jax.random.normal, jax.random.key(2), (b, nx, ny, nz, cout))
+  # One compilation: values and gradients w.r.t. x and the kernel of both implementations.
+  both = lambda f, x, k: (f(x, k),) + jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * cot),
+                                                          argnums=(0, 1))(x, k)
+  (got_y, got_sum, got), (want_y, want_sum, want) = jax.jit(
+      lambda x, k: (both(_conv3x3x3, x, k), both(native, x, k)))(x, kernel)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_sum, want_sum, rtol=1e-4)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -6,10 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsmae_jax.models.pillars import (PillarFeatureNet, block_to_pillars, mask_pillars,
-                                     pillar_ids)
+from nsmae_jax.models import pillars
+from nsmae_jax.models.pillars import PillarFeatureNet, block_to_pillars
 
 CELLS, E, ZMIN, ZMAX = 16, 8.0, -3.0, 3.0
+
+# The functions under test, jitted (grid and masking settings static): one compilation per
+# call signature instead of an eager dispatch, and compilation, of every op.
+pillar_ids = jax.jit(pillars.pillar_ids, static_argnums=(2, 3, 4, 5))
+mask_pillars = jax.jit(pillars.mask_pillars, static_argnums=(2, 3, 4))
 
 
 def _points(seed, n=600, n_valid=450):
@@ -79,8 +84,7 @@ def test_masking_drops_the_exact_fraction_of_non_empty_pillars(ratio):
   ids = pillar_ids(np.concatenate([pts, pts2]), np.concatenate([mask, mask2]), CELLS, E, ZMIN,
                    ZMAX)
   n = CELLS * CELLS
-  new_ids, dropped = jax.jit(mask_pillars, static_argnums=(2, 3))(jax.random.key(0), ids, CELLS,
-                                                                    ratio)
+  new_ids, dropped = mask_pillars(jax.random.key(0), ids, CELLS, ratio)
   ids, new_ids = np.asarray(ids), np.asarray(new_ids)
   dropped = np.asarray(dropped).reshape(2, n)  # block = 1: one block per pillar
   for b in range(2):
@@ -104,8 +108,7 @@ def test_block_masking_hides_every_point_of_a_dropped_block(pfn, block):
   fraction of non-empty blocks is dropped, and their pillars are empty in the canvas."""
   pts, mask = _points(8)
   ids = pillar_ids(pts, mask, CELLS, E, ZMIN, ZMAX)
-  new_ids, dropped = jax.jit(mask_pillars, static_argnums=(2, 3, 4))(
-      jax.random.key(3), ids, CELLS, 0.5, block)
+  new_ids, dropped = mask_pillars(jax.random.key(3), ids, CELLS, 0.5, block)
   ids, new_ids, dropped = np.asarray(ids)[0], np.asarray(new_ids)[0], np.asarray(dropped)[0]
   nb = CELLS // block
   assert dropped.shape == (nb, nb)

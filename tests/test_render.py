@@ -6,11 +6,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nsmae_jax import render
 from nsmae_jax.geometry import bev_rays
-from nsmae_jax.render import (RadianceField, box_near_far, composite, render_rays,
-                              stratified_samples, trilinear_interpolate)
+from nsmae_jax.render import RadianceField, render_rays
 
 BOX = ((-32.0, -32.0, -3.0), (32.0, 32.0, 3.0))
+
+# The functions under test, jitted (counts and the box static): one compilation per call
+# signature instead of an eager dispatch, and compilation, of every op.
+composite = jax.jit(render.composite)
+stratified_samples = jax.jit(render.stratified_samples, static_argnames='num_samples')
+trilinear_interpolate = jax.jit(render.trilinear_interpolate,
+                                static_argnames=('box_min', 'box_max'))
+box_near_far = jax.jit(render.box_near_far, static_argnames=('box_min', 'box_max'))
 
 
 def _composite_reference(density, color, t, deltas, far):
@@ -156,11 +164,16 @@ def test_field_encodes_the_view_direction_once_per_ray_with_the_dense_of_the_con
   points = jnp.asarray(rng.uniform(-30, 30, (r, s, 3)), jnp.float32)
   dirs = rng.normal(size=(r, 1, 3))
   dirs = jnp.asarray(dirs / np.linalg.norm(dirs, axis=-1, keepdims=True), jnp.float32)
-  params = field.init(jax.random.key(0), feats, points, dirs)['params']
+
+  @jax.jit  # one compilation: the init and both applications
+  def init_and_apply(feats, points, dirs):
+    params = field.init(jax.random.key(0), feats, points, dirs)['params']
+    return (params, field.apply({'params': params}, feats, points, dirs),
+            field.apply({'params': params}, feats, points, jnp.broadcast_to(dirs, (r, s, 3))))
+
+  params, (density, color), per_sample = init_and_apply(feats, points, dirs)
   assert params['color_hidden']['kernel'].shape == (16 + 3 * (1 + 2 * 2), 8)
-  density, color = field.apply({'params': params}, feats, points, dirs)
   assert density.shape == (r, s) and color.shape == (r, s, 3)
-  per_sample = field.apply({'params': params}, feats, points, jnp.broadcast_to(dirs, (r, s, 3)))
   np.testing.assert_allclose(density, per_sample[0], rtol=1e-6)
   np.testing.assert_allclose(color, per_sample[1], rtol=1e-6)
   # The same field written with an explicit concatenation (float64, numpy).
