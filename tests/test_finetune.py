@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 from nsmae_jax.data.fake import FakeIterator, fake_batch
 from nsmae_jax.finetune import bevseg_task, init_from_pretrained, seg_loss
 from nsmae_jax.finetune.task import _leaves
@@ -23,10 +23,7 @@ def fresh_params():
   their values, and compiling the init would take 10-15 s on 2 cores."""
   config = tiny_config()
   task = bevseg_task(config)
-  shapes = jax.eval_shape(task.init_params, jax.random.PRNGKey(0), fake_batch(config, 1))
-  rng = np.random.default_rng(0)
-  return jax.tree_util.tree_map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype),
-                                shapes)
+  return random_params(task.init_params, jax.random.PRNGKey(0), fake_batch(config, 1))
 
 
 def _save_pretrain_checkpoint(workdir, backbone, step=7):

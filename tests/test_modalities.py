@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import random_params, tiny_config
 from nsmae_jax.config import ConfigError
 from nsmae_jax.data.fake import fake_batch
 from nsmae_jax.finetune import bevseg_task, seg_loss
@@ -55,10 +55,8 @@ def _init_and_apply(config, batch):
 def _random_params(config, batch, seed=0):
   """Params of config's BEVSegModel drawn N(0, 0.1^2) without compiling an init."""
   model = BEVSegModel(config)
-  shapes = jax.eval_shape(lambda b: model.init({'params': jax.random.PRNGKey(0)}, b), batch)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype), shapes['params'])
+  return random_params(lambda b: model.init({'params': jax.random.PRNGKey(0)}, b)['params'],
+                       batch, seed=seed)
 
 
 @pytest.fixture(scope='module')

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import flat_draw, tiny_config
+from helpers import flat_draw, random_params, tiny_config
 from nsmae_jax import models, pretrain
 from nsmae_jax.pretrain import losses
 from nsmae_jax.config import ConfigError
@@ -43,10 +43,7 @@ def random_setup():
   config = tiny_config(**SMALL)
   task = pretrain.pretrain_task(config)
   batch = _batch(config)
-  shapes = jax.eval_shape(task.init_params, jax.random.key(0), batch)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray((0.1 * rng.normal(size=s.shape)).astype(s.dtype)),
-                        shapes)
+  params = jax.tree.map(jnp.asarray, random_params(task.init_params, jax.random.key(0), batch))
   return config, task.model, batch, params
 
 
