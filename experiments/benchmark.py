@@ -22,7 +22,7 @@ renderer sizes, experiments.torch_twin; null without torch, an optional extra: s
 with renderer_vs_torch (both times, the sizes); full_config_device_memory_gib (temp + argument
 + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
-process runs with glibc's huge-page malloc, experiments.launch: the step is ~30% slower
+process runs with glibc's huge-page malloc, experiments.launch: the step is 25-40% slower
 without it on CPU).
 """
 
