@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsmae_jax.models.norm import LayerNorm
+from nsmae_jax.models.norm import LayerNorm, normalize
 
 
 @pytest.mark.parametrize('shape', [(2, 300, 24), (5, 7)])
@@ -54,3 +54,24 @@ def test_layer_norm_under_vmap_and_bf16():
   for k in ('scale', 'bias'):
     assert d['params'][k].dtype == jnp.float32
     np.testing.assert_allclose(d['params'][k], d_ref['params'][k], rtol=3e-2, atol=3e-2)
+
+
+def test_normalize_of_constant_rows_and_bf16_input_matches_flax():
+  """Rows whose variance is 0 (flax clips E[x^2] - E[x]^2 at 0) and a bf16 input with float32
+  statistics: values and input gradients as flax's normalisation."""
+  x = jax.random.normal(jax.random.key(0), (4, 33)) * 2.0 + 0.7
+  x = x.at[1].set(1.5).at[3].set(-0.25)
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    ours_fn = lambda v, d=dtype: normalize(v, 1e-6, d)
+    ref_fn = lambda v, d=dtype: nn.LayerNorm(use_scale=False, use_bias=False, dtype=d).apply(
+        {}, v)
+    y, vjp = jax.vjp(ours_fn, xd)
+    y_ref, vjp_ref = jax.vjp(ref_fn, xd)
+    assert y.dtype == y_ref.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+    (dx,), (dx_ref,) = vjp(g.astype(dtype)), vjp_ref(g.astype(dtype))
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(np.float32(dx), np.float32(dx_ref), rtol=tol, atol=tol)

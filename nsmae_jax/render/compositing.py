@@ -40,7 +40,11 @@ def composite(density: jnp.ndarray, color: jnp.ndarray, t: jnp.ndarray, deltas: 
   depth = jnp.sum(weights * t, axis=-1)
   if far is not None:
     depth = depth + jnp.exp(-cum[..., -1]) * far
-  rgb = jnp.sum(weights[..., None] * color, axis=-2)
+  # sum_i w_i c_i per channel as minor-axis sums: the same sum written over the S axis of
+  # [..., S, 3] is a non-minor reduction that XLA:CPU (jax 0.10) hands to a YNNPACK reduce
+  # ~10x (forward + backward, 1024 x 32) to ~60x (4096 x 64) slower.
+  rgb = jnp.stack([jnp.sum(weights * color[..., k], axis=-1) for k in range(color.shape[-1])],
+                  axis=-1)
   if background is not None:
     rgb = rgb + jnp.exp(-cum[..., -1:]) * background
   return dict(weights=weights, color=rgb, depth=depth, opacity=opacity, transmittance=trans)
