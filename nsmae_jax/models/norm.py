@@ -16,7 +16,6 @@ four as [..., C] @ ones[C] products with a hand-written vjp.
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import flax.linen as nn
@@ -87,9 +86,10 @@ normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 class LayerNorm(nn.Module):
   """nn.LayerNorm over the last axis with scale and bias (its defaults): parameters 'scale'
-  (ones) and 'bias' (zeros) of shape [C] in param_dtype, statistics by flax's own code (float32,
-  fast variance), output in `dtype` (None: the input's and parameters' promoted type). Named
-  LayerNorm so that auto-named instances (LayerNorm_0, ...) keep checkpoints' paths."""
+  (ones) and 'bias' (zeros) of shape [C] in param_dtype, flax's statistics (float32, fast
+  variance clipped at 0; `normalize`), output in `dtype` (None: the input's and parameters'
+  promoted type). Named LayerNorm so that auto-named instances (LayerNorm_0, ...) keep
+  checkpoints' paths."""
   epsilon: float = 1e-6
   dtype: Any = None
   param_dtype: Any = jnp.float32
