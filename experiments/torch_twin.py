@@ -20,13 +20,13 @@ kernel; align_corners=False with padding_mode='border' is exactly our cell-centr
 faster of the two (the best torch eager does on this math). tests/test_torch_twin.py checks
 that both forms agree with ours (outputs and gradients, same inputs and weights).
 
-Timings are medians over rounds (ours, torch grid_sample, torch gather, ours, ...), after one
-warm-up call of each (our compile is not timed); in each round each implementation runs twice
-in a row and only the second call counts: the first call after the other framework ran is up to
-2x slower for either (the process's malloc state), which a training loop of one framework never
-sees. Those first calls are reported too (`*_after_switch_seconds`). Both run in float32 on the same
-threads (half_precision in a flagfile is ignored here). torch is an optional extra, never a
-dependency of nsmae_jax: without it this prints a message and exits 0.
+Timings are medians over rounds (ours, torch grid_sample, torch gather, ours, ...) after our
+compile call. In each round each implementation runs twice in a row and only the second call
+counts: the first call after the other framework ran is up to 2x slower for either (the
+process's malloc state), which a training loop of one framework never sees. Those first calls
+are reported too (`*_after_switch_seconds`). Both run in float32 on the same threads
+(half_precision in a flagfile is ignored here). torch is an optional extra, never a dependency
+of nsmae_jax: without it this prints a message and exits 0.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_exact_full_config_takes_one_train_step_on_cpu(tmp_path):
   """experiments/configs/full.flags as it is (the paper setting: base-size encoders, 256x704
   images, patch 16, the exact 400x400 pillar canvas and 100x100x8 volume, 262k points, 4096 +
   4096 rays x 64 samples, bf16, remat) but at per-device batch 1: one real train step (loss,
-  gradients, clipped AdamW update) on CPU. ~80 s and ~10 GB RSS on 2 cores (the memory report
+  gradients, clipped AdamW update) on CPU. 90-110 s and ~11 GB RSS on 2 cores (the memory report
   checks batch 2 against 16 GiB). The parameters are initialised under jit, as the training
   loop does: eager (op-by-op) init of this model ran out of this machine's 23 GB."""
   config = _full_config(tmp_path, '--per_device_batch_size=1', '--num_train_steps=1')
