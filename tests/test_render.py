@@ -195,3 +195,41 @@ def test_field_encodes_the_view_direction_once_per_ray_with_the_dense_of_the_con
   np.testing.assert_allclose(color, 1 / (1 + np.exp(-dense('color', h))), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(density, np.logaddexp(0, dense('density', x)[..., 0] - 1.0),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_positional_encoding_matches_float64_sin_cos_with_their_derivatives():
+  """The polynomial sin/cos (sincos_pi on 2^k x) against numpy float64 sin(2^k pi x),
+  cos(2^k pi x) of the same float32 inputs: within 3e-7 at the field's range and at any
+  magnitude (exact argument reduction: jnp.sin of the rounded angle 2^k pi x is off by ~1e-5
+  at |x| = 1 and ~1e-2 at |x| = 1000), in the [x, sin (freqs major), cos] order; gradients
+  within 1e-5 relative of the analytic derivatives; bf16 inputs come back in bf16."""
+  rng = np.random.default_rng(0)
+  k = 6
+  encode = jax.jit(render.positional_encoding, static_argnums=1)
+  scales = 2.0 ** np.arange(k) * np.pi
+  for amp in (1.0, 1000.0):
+    x = rng.uniform(-amp, amp, (4096, 3)).astype(np.float32)
+    angle = (scales[:, None] * np.float64(x)[:, None, :]).reshape(len(x), -1)
+    want = np.concatenate([x, np.sin(angle), np.cos(angle)], -1)
+    got = np.asarray(encode(jnp.asarray(x), k), np.float64)
+    assert got.shape == (4096, 3 * (1 + 2 * k)) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-7)
+  # Integers and half-integers, where the reduction switches branch and sign.
+  edges = np.arange(-8, 8.5, 0.5, dtype=np.float32)[:, None]
+  got = np.asarray(encode(jnp.asarray(edges), 1))
+  np.testing.assert_allclose(got[:, 1], np.sin(np.pi * np.float64(edges[:, 0])), atol=2e-7)
+  np.testing.assert_allclose(got[:, 2], np.cos(np.pi * np.float64(edges[:, 0])), atol=2e-7)
+  # d/dx of sum_j w_j PE_j(x) against the analytic derivative, per input coordinate.
+  x = rng.uniform(-1, 1, (256, 3)).astype(np.float32)
+  w = rng.normal(size=(256, 3 * (1 + 2 * k))).astype(np.float32)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(render.positional_encoding(x, k) * w)))(x)
+  angle = scales[:, None] * np.float64(x)[:, None, :]                          # [N, F, 3]
+  w64 = np.float64(w)
+  ws, wc = w64[:, 3:3 + 3 * k].reshape(-1, k, 3), w64[:, 3 + 3 * k:].reshape(-1, k, 3)
+  want = w64[:, :3] + np.sum(scales[:, None] * (ws * np.cos(angle) - wc * np.sin(angle)), 1)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-4)
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  half = encode(x16, k)
+  assert half.dtype == jnp.bfloat16   # computed in float32 from the bf16 values, then rounded
+  np.testing.assert_allclose(np.asarray(half, np.float32), encode(x16.astype(jnp.float32), k),
+                             atol=4e-3)
