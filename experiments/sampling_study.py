@@ -22,6 +22,13 @@ already there; a setting's workdir resumes from its checkpoint):
     quadrature error alone, on a field whose surfaces are where the depth loss puts them. Also
     the share of each sampler's samples in seen-free cells (the carved grid's 0) and within
     1 m of the LiDAR depth.
+  quadrature: the quadrature error on learned fields: each --quadrature_models model renders
+    the val frames' perspective rays (unmasked inputs, deterministic samples) with each
+    --quadrature_settings sampler, scored against the same model rendered with
+    --quadrature_reference (dense stratified: its converged depth) and against the LiDAR depth.
+    The reference is the field's own render, not the LiDAR, so guided samples gain nothing
+    here by sitting at the depth target (the leak the other parts have): only by resolving
+    the surfaces the field has learned with fewer evaluations.
 Prints markdown tables (docs/lidar_sampling.md holds the measured ones).
 """
 
@@ -61,6 +68,16 @@ _ORACLE = flags.DEFINE_list('oracle_settings', ['stratified:8', 'stratified:16',
                             'lidar_carve:S = lidar with --free_space_carving.')
 _ORACLE_DENSITY = flags.DEFINE_float('oracle_density', 20.0, 'Density (1/m) of the oracle '
                                      'field in its occupied cells.')
+
+_QUAD_MODELS = flags.DEFINE_list('quadrature_models', [], 'Train settings (of --train_settings or '
+                                 'already in results.json) whose final models the quadrature '
+                                 'part renders (empty = skip it).')
+_QUAD = flags.DEFINE_list('quadrature_settings', ['stratified:4', 'stratified:8', 'stratified:16',
+                                                  'stratified:32', 'lidar:4', 'lidar:8',
+                                                  'lidar:16'],
+                          'Samplers of the quadrature part, each sampling:samples_per_ray.')
+_QUAD_REF = flags.DEFINE_string('quadrature_reference', 'stratified:512', 'The dense sampler '
+                                'whose render of the same model is the converged depth.')
 
 # Held-out figures reported (eval_summary keys; the pre-training eval's names).
 METRICS = ('depth_abs_rel', 'perspective_depth_loss', 'perspective_psnr', 'bev_depth_loss',
@@ -207,6 +224,48 @@ def _oracle(base, name: str) -> dict:
               near_share=sums[5] / sums[3], wall_s=round(time.time() - start, 1))
 
 
+def quadrature(base, params, name: str, reference_name: str, split: str = 'val') -> dict:
+  """Depth of a trained model's `params` on `split`'s perspective rays (unmasked inputs,
+  deterministic samples) with the sampler `name` against the same model with the sampler
+  `reference_name` (module docstring): vs_converged (mean |d - d_ref|, m), perspective_depth_loss
+  and depth_abs_rel (against the LiDAR depth), rays (scored: valid depth, hit the volume)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.pretrain import build_pretrain_model, targets  # pylint: disable=import-outside-toplevel
+  config = base.replace(**{k: v for k, v in _setting(name).items() if k != 'seed'})
+  model = build_pretrain_model(config)
+  reference = build_pretrain_model(base.replace(**{k: v for k, v in _setting(
+      reference_name).items() if k != 'seed'}))
+  variables = {'params': params}
+
+  @jax.jit
+  def errors(batch, key):
+    view = targets.draw_rays(config, key, batch)['perspective']
+    feats = model.apply(variables, batch, mask=False, method=model.encode)
+    volume = model.apply(variables, feats, method=model.view_volumes)['perspective']
+    rays = (volume, view['origins'], view['dirs'], view['near'], None)
+    occ = model.apply(variables, batch, method=model.occupancy)
+    out = model.apply(variables, *rays, occ, method=model.render)
+    converged = reference.apply(variables, *rays, method=reference.render)['depth']
+    ok = (view['depth_valid'] & out['hit']).astype(jnp.float32)
+    err = jnp.abs(out['depth'] - view['depth'])
+    return (jnp.sum(jnp.abs(out['depth'] - converged) * ok), jnp.sum(err * ok),
+            jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok))
+
+  start, sums = time.time(), np.zeros(4)
+  iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1),
+                                         split=split, num_local_devices=1)
+  try:
+    for i, batch in enumerate(iterator):
+      ex = {k: jnp.asarray(v[0]) for k, v in batch.items() if k != 'valid'}
+      sums += np.array([float(x) for x in errors(ex, jax.random.PRNGKey(i))])
+  finally:
+    iterator.close()
+  return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
+              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]),
+              wall_s=round(time.time() - start, 1))
+
+
 def table(results: dict) -> str:
   """Markdown tables of results.json: seeds of a setting averaged (n = seeds; +- = half the
   range over seeds when n > 1)."""
@@ -250,6 +309,22 @@ def table(results: dict) -> str:
   if results['eval']:
     out += (f'\n### The {results.get("eval_model", "")} model re-scored with each sampler\n\n'
             + head + rows('eval'))
+  if results.get('quadrature'):
+    out += (f'\n### Learned fields: quadrature error against the same model\'s '
+            f'{results.get("quadrature_reference", "")} render\n\n| trained with | sampler | '
+            'field evals / ray | n | L1 vs converged (m) | L1 vs LiDAR (m) | AbsRel vs LiDAR | '
+            'rays |\n|---|---|---|---|---|---|---|---|\n')
+    groups = {}
+    for key, o in results['quadrature'].items():
+      model, sampler = key.split('@')
+      groups.setdefault((':'.join(model.split(':')[:2]), sampler), []).append(o)
+    for (model, sampler), rs in groups.items():
+      def cell(k, rs=rs):
+        v = np.array([o[k] for o in rs])
+        return f'{v.mean():.3f}' + (f' +- {(v.max() - v.min()) / 2:.3f}' if len(v) > 1 else '')
+      out += (f'| {model} | {sampler} | {_setting(sampler)["num_samples"]} | {len(rs)} | '
+              f'{cell("vs_converged")} | {cell("perspective_depth_loss")} | '
+              f'{cell("depth_abs_rel")} | {sum(o["rays"] for o in rs)} |\n')
   return out
 
 
@@ -274,7 +349,8 @@ def main(argv):
     _save(path, results)
     print(name, results['train'][name], flush=True)
   results.setdefault('cross', {})
-  results['cross_eval'] = _CROSS.value
+  if _CROSS.value:   # a run without the cross part keeps the earlier runs' sampler name
+    results['cross_eval'] = _CROSS.value
   for name in _TRAIN.value if _CROSS.value else ():
     if name not in results['cross']:
       if name not in params:
@@ -294,6 +370,19 @@ def main(argv):
         results['eval'][name].update(_fit(base, params[_EVAL_MODEL.value], name))
         _save(path, results)
       print('eval', name, results['eval'][name], flush=True)
+  results.setdefault('quadrature', {})
+  if _QUAD_MODELS.value:
+    results['quadrature_reference'] = _QUAD_REF.value
+  for model_name in _QUAD_MODELS.value:
+    for name in _QUAD.value:
+      key = f'{model_name}@{name}'
+      if key not in results['quadrature']:
+        if model_name not in params:
+          params[model_name] = _train(base, model_name, fit=False)[1]
+        results['quadrature'][key] = quadrature(base, params[model_name], name,
+                                                _QUAD_REF.value)
+        _save(path, results)
+      print('quadrature', key, results['quadrature'][key], flush=True)
   print(table(results))
 
 
