@@ -16,16 +16,6 @@ from nsmae_jax.render.sampling import stratified_samples, trilinear_interpolate
 FieldFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
-def sample_ray(volume: jnp.ndarray, origin: jnp.ndarray, direction: jnp.ndarray,
-               near: jnp.ndarray, far: jnp.ndarray, jitter: jnp.ndarray | None, num_samples: int,
-               box_min, box_max) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """One ray: origin, direction [3], near, far [], jitter [S] or None (bin centres) -> t,
-  deltas [S], points [S, 3], volume features at the points [S, C]."""
-  t, deltas = stratified_samples(None, near, far, num_samples, jitter)
-  points = origin + t[:, None] * direction
-  return t, deltas, points, trilinear_interpolate(volume, points, box_min, box_max)
-
-
 def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
                 near: jnp.ndarray, far: jnp.ndarray, num_samples: int, box_min, box_max,
                 key: jax.Array | None = None,
@@ -91,25 +81,23 @@ def _evaluate_samples(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarr
                       dirs: jnp.ndarray, near: jnp.ndarray, far: jnp.ndarray,
                       jitter: jnp.ndarray | None, num_samples: int, box_min, box_max
                       ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """Samples every ray, interpolates the volume there and evaluates the field: t, deltas,
-  density [B, R, S] and colour [B, R, S, 3] (float32)."""
-  per_ray = lambda v, o, d, n, f, k: sample_ray(v, o, d, n, f, k, num_samples, box_min, box_max)
+  """Samples every ray (stratified), interpolates the volume there and evaluates the field: t,
+  deltas, density [B, R, S] and colour [B, R, S, 3] (float32)."""
   if jitter is None:
-    rays_fn = jax.vmap(lambda v, o, d, n, f: per_ray(v, o, d, n, f, None),
-                       in_axes=(None, 0, 0, 0, 0))
-    t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far)
+    draw = lambda n, f: stratified_samples(None, n, f, num_samples)
+    t, deltas = jax.vmap(jax.vmap(draw))(near, far)
   else:
-    rays_fn = jax.vmap(per_ray, in_axes=(None, 0, 0, 0, 0, 0))
-    t, deltas, points, feats = jax.vmap(rays_fn)(volume, origins, dirs, near, far, jitter)
-  density, color = _field(field_fn, feats, points, dirs)
-  return t, deltas, density, color
+    draw = lambda n, f, k: stratified_samples(None, n, f, num_samples, k)
+    t, deltas = jax.vmap(jax.vmap(draw))(near, far, jitter)
+  return (t, deltas) + _evaluate_at(field_fn, volume, origins, dirs, t, box_min, box_max)
 
 
 def _evaluate_at(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray,
                  dirs: jnp.ndarray, t: jnp.ndarray, box_min, box_max
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """The field at given sample distances t [B, R, S]: density [B, R, S], colour
-  [B, R, S, 3] (float32)."""
+  [B, R, S, 3] (float32). One volume lookup per example over all its samples (vmapped over the
+  batch only: a lookup vmapped over rays of one shared volume would batch its gradient too)."""
   points = origins[:, :, None, :] + t[..., None] * dirs[:, :, None, :]        # [B, R, S, 3]
   b, r, s = t.shape
   feats = jax.vmap(lambda v, p: trilinear_interpolate(v, p, box_min, box_max))(
