@@ -372,6 +372,10 @@ def main(argv):
       print('eval', name, results['eval'][name], flush=True)
   results.setdefault('quadrature', {})
   if _QUAD_MODELS.value:
+    earlier = results.get('quadrature_reference', _QUAD_REF.value)
+    if results['quadrature'] and earlier != _QUAD_REF.value:
+      raise SystemExit(f'--quadrature_reference={_QUAD_REF.value}: {path} holds quadrature '
+                       f'results against {earlier}; use another --study_dir')
     results['quadrature_reference'] = _QUAD_REF.value
   for model_name in _QUAD_MODELS.value:
     for name in _QUAD.value:
