@@ -41,8 +41,8 @@ from experiments import launch
 
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write the results as JSON to this file.')
 _STEPS = flags.DEFINE_integer('bench_steps', 20, 'Timed train steps (after one warm-up step); '
-                              'train_step_seconds is their median (5 steps swung it by '
-                              '~15% between runs on a shared 2-core host).')
+                              'train_step_seconds is their median (more steps, a median '
+                              'less moved by bursts of load on a shared host).')
 _PIPELINE_BATCHES = flags.DEFINE_integer('bench_pipeline_batches', 20,
                                          'Batches timed from the input pipeline.')
 _PARTS = flags.DEFINE_bool('bench_parts', True, 'Time the train step part by part (parts in '
