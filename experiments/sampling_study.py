@@ -98,6 +98,28 @@ def _setting(name: str) -> dict:
   return out
 
 
+def _sampler_config(base, name: str):
+  """`base` with the sampler of setting `name` (its seed, if any, left out)."""
+  return base.replace(**{k: v for k, v in _setting(name).items() if k != 'seed'})
+
+
+def _frame_sums(config, errors, split: str = 'val') -> tuple[list[float], float]:
+  """sum over `split`'s frames (one at a time, stored order) of errors(example [1, ...],
+  PRNGKey(frame index)) -> a tuple of scalars; -> (the sums, wall seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  start, sums = time.time(), 0.0
+  iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1), split=split,
+                                         num_local_devices=1)
+  try:
+    for i, batch in enumerate(iterator):
+      ex = {k: jnp.asarray(v[0]) for k, v in batch.items() if k != 'valid'}
+      sums = sums + np.array([float(x) for x in errors(ex, jax.random.PRNGKey(i))])
+  finally:
+    iterator.close()
+  return np.asarray(sums).tolist(), round(time.time() - start, 1)
+
+
 def _load(path: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
@@ -139,7 +161,7 @@ def _rescore(base, params, name: str, split: str = 'val') -> dict:
   """The pre-training eval's figures of `params` with the sampler `name` on `split` (all of it
   with --eval_batches=0)."""
   import jax  # pylint: disable=import-outside-toplevel
-  config = base.replace(**{k: v for k, v in _setting(name).items() if k != 'seed'})
+  config = _sampler_config(base, name)
   task = pretrain_task(config)
   parallel = sharding.make(config.train.parallelism, task.loss_fn)
   rng = jax.random.split(jax.random.PRNGKey(config.train.seed), 4)[2]   # the loop's eval rng
@@ -208,20 +230,10 @@ def _oracle(base, name: str) -> dict:
             jnp.sum(jnp.mean(state == 0, -1) * ok),
             jnp.sum(jnp.mean(jnp.abs(t - view['depth'][..., None]) <= 1.0, -1) * ok))
 
-  start, sums = time.time(), np.zeros(6)
-  iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1),
-                                         num_local_devices=1)
-  try:
-    for i, batch in enumerate(iterator):
-      ex = {k: jnp.asarray(batch[k][0]) for k in ('images', 'intrinsics', 'cam2lidar', 'points',
-                                                   'points_mask')}
-      sums += np.array([float(x) for x in errors(ex, jax.random.PRNGKey(i))])
-  finally:
-    iterator.close()
-  sums = sums.tolist()
+  sums, wall = _frame_sums(config, errors)
   return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
               depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]), free_share=sums[4] / sums[3],
-              near_share=sums[5] / sums[3], wall_s=round(time.time() - start, 1))
+              near_share=sums[5] / sums[3], wall_s=wall)
 
 
 def quadrature(base, params, name: str, reference_name: str, split: str = 'val') -> dict:
@@ -232,10 +244,9 @@ def quadrature(base, params, name: str, reference_name: str, split: str = 'val')
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from nsmae_jax.pretrain import build_pretrain_model, targets  # pylint: disable=import-outside-toplevel
-  config = base.replace(**{k: v for k, v in _setting(name).items() if k != 'seed'})
+  config = _sampler_config(base, name)
   model = build_pretrain_model(config)
-  reference = build_pretrain_model(base.replace(**{k: v for k, v in _setting(
-      reference_name).items() if k != 'seed'}))
+  reference = build_pretrain_model(_sampler_config(base, reference_name))
   variables = {'params': params}
 
   @jax.jit
@@ -252,18 +263,9 @@ def quadrature(base, params, name: str, reference_name: str, split: str = 'val')
     return (jnp.sum(jnp.abs(out['depth'] - converged) * ok), jnp.sum(err * ok),
             jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok))
 
-  start, sums = time.time(), np.zeros(4)
-  iterator = pipeline.make_eval_iterator(config.replace(per_device_batch_size=1),
-                                         split=split, num_local_devices=1)
-  try:
-    for i, batch in enumerate(iterator):
-      ex = {k: jnp.asarray(v[0]) for k, v in batch.items() if k != 'valid'}
-      sums += np.array([float(x) for x in errors(ex, jax.random.PRNGKey(i))])
-  finally:
-    iterator.close()
+  sums, wall = _frame_sums(config, errors, split)
   return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
-              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]),
-              wall_s=round(time.time() - start, 1))
+              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]), wall_s=wall)
 
 
 def table(results: dict) -> str:
