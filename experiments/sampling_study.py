@@ -29,6 +29,9 @@ already there; a setting's workdir resumes from its checkpoint):
     The reference is the field's own render, not the LiDAR, so guided samples gain nothing
     here by sitting at the depth target (the leak the other parts have): only by resolving
     the surfaces the field has learned with fewer evaluations.
+    A sampler ideal:S[:a] there is the bound for any proposal pass (ideal_proposal_render):
+    S samples placed by the field's own compositing weights at --coarse_samples bins (a of the
+    pdf uniform, default 0.5), charged S + coarse field evaluations.
 Prints markdown tables (docs/lidar_sampling.md holds the measured ones).
 """
 
@@ -75,7 +78,8 @@ _QUAD_MODELS = flags.DEFINE_list('quadrature_models', [], 'Train settings (of --
 _QUAD = flags.DEFINE_list('quadrature_settings', ['stratified:4', 'stratified:8', 'stratified:16',
                                                   'stratified:32', 'lidar:4', 'lidar:8',
                                                   'lidar:16'],
-                          'Samplers of the quadrature part, each sampling:samples_per_ray.')
+                          'Samplers of the quadrature part, each sampling:samples_per_ray, '
+                          'or ideal:S[:uniform_fraction] (the field\'s own weights as the pdf).')
 _QUAD_REF = flags.DEFINE_string('quadrature_reference', 'stratified:512', 'The dense sampler '
                                 'whose render of the same model is the converged depth.')
 
@@ -236,36 +240,89 @@ def _oracle(base, name: str) -> dict:
               near_share=sums[5] / sums[3], wall_s=wall)
 
 
+def _ideal(name: str) -> tuple[int, float] | None:
+  """'ideal:S[:a]' -> (S, a) (a = the pdf's uniform share, default 0.5); other names -> None."""
+  kind, *rest = name.split(':')
+  if kind != 'ideal':
+    return None
+  if not 1 <= len(rest) <= 2:
+    raise ValueError(f'sampler {name!r}: expected ideal:S or ideal:S:uniform_fraction')
+  return int(rest[0]), float(rest[1]) if len(rest) > 1 else 0.5
+
+
+def field_evals(name: str, coarse_samples: int) -> int:
+  """Field evaluations per ray of a sampler name (ideal:S costs its coarse pass too)."""
+  ideal = _ideal(name)
+  return _setting(name)['num_samples'] if ideal is None else ideal[0] + coarse_samples
+
+
+def ideal_proposal_render(module, volume, origins, dirs, near, num_samples: int,
+                          coarse_samples: int, uniform_fraction: float) -> dict:
+  """The best sample placement a proposal pass can give (NeRF's hierarchical sampling, mip-NeRF
+  360's proposal MLP, or LiDAR guidance): the field itself at `coarse_samples` bin centres per
+  ray, its compositing weights (plus `uniform_fraction` spread evenly) as the pdf, S samples by
+  inverse CDF (guidance.inverse_cdf_samples, deterministic quantiles), the field then
+  rendered with those S only (render_at). A bound for placement, not a sampler: it costs
+  coarse + S field evaluations, and no cheaper proposal knows the field's weights better.
+  `module`: a bound pre-training model (model.apply(..., method=functools.partial(this, ...)))."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.render import (box_near_far, render_at,  # pylint: disable=import-outside-toplevel
+                                stratified_samples)
+  from nsmae_jax.render.guidance import inverse_cdf_samples  # pylint: disable=import-outside-toplevel
+  n, f, _ = box_near_far(origins, dirs, module.box_min, module.box_max, near)
+  background = (nn.sigmoid(module.background) if module.config.render.background == 'learned'
+                else None)
+  bins = jax.vmap(jax.vmap(lambda a, b: stratified_samples(None, a, b, coarse_samples)))
+  coarse = render_at(module.field, volume, origins, dirs, *bins(n, f), f, module.box_min,
+                     module.box_max)
+  place = lambda w, a, b: inverse_cdf_samples(w, a, b, num_samples, uniform_fraction)
+  t, deltas = jax.vmap(jax.vmap(place))(coarse['weights'], n, f)
+  return render_at(module.field, volume, origins, dirs, t, deltas, f, module.box_min,
+                   module.box_max, background)
+
+
 def quadrature(base, params, name: str, reference_name: str, split: str = 'val') -> dict:
   """Depth of a trained model's `params` on `split`'s perspective rays (unmasked inputs,
   deterministic samples) with the sampler `name` against the same model with the sampler
   `reference_name` (module docstring): vs_converged (mean |d - d_ref|, m), perspective_depth_loss
-  and depth_abs_rel (against the LiDAR depth), rays (scored: valid depth, hit the volume)."""
+  and depth_abs_rel (against the LiDAR depth), rays (scored: valid depth, hit the volume),
+  field_evals (per ray). `name` may be ideal:S[:a] (ideal_proposal_render, with
+  --coarse_samples bins)."""
+  import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from nsmae_jax.pretrain import build_pretrain_model, targets  # pylint: disable=import-outside-toplevel
-  config = _sampler_config(base, name)
+  ideal = _ideal(name)
+  config = _sampler_config(base, name if ideal is None else f'stratified:{ideal[0]}')
   model = build_pretrain_model(config)
   reference = build_pretrain_model(_sampler_config(base, reference_name))
   variables = {'params': params}
+  coarse = config.render.coarse_samples
 
   @jax.jit
   def errors(batch, key):
     view = targets.draw_rays(config, key, batch)['perspective']
     feats = model.apply(variables, batch, mask=False, method=model.encode)
     volume = model.apply(variables, feats, method=model.view_volumes)['perspective']
-    rays = (volume, view['origins'], view['dirs'], view['near'], None)
-    occ = model.apply(variables, batch, method=model.occupancy)
-    out = model.apply(variables, *rays, occ, method=model.render)
-    converged = reference.apply(variables, *rays, method=reference.render)['depth']
-    ok = (view['depth_valid'] & out['hit']).astype(jnp.float32)
+    rays = (volume, view['origins'], view['dirs'], view['near'])
+    if ideal is None:
+      occ = model.apply(variables, batch, method=model.occupancy)
+      out = model.apply(variables, *rays, None, occ, method=model.render)
+    else:
+      out = model.apply(variables, *rays, method=functools.partial(
+          ideal_proposal_render, num_samples=ideal[0], coarse_samples=coarse,
+          uniform_fraction=ideal[1]))
+    ref = reference.apply(variables, *rays, None, method=reference.render)
+    ok = (view['depth_valid'] & ref['hit']).astype(jnp.float32)
     err = jnp.abs(out['depth'] - view['depth'])
-    return (jnp.sum(jnp.abs(out['depth'] - converged) * ok), jnp.sum(err * ok),
+    return (jnp.sum(jnp.abs(out['depth'] - ref['depth']) * ok), jnp.sum(err * ok),
             jnp.sum(err / jnp.maximum(view['depth'], 1e-3) * ok), jnp.sum(ok))
 
   sums, wall = _frame_sums(config, errors, split)
   return dict(vs_converged=sums[0] / sums[3], perspective_depth_loss=sums[1] / sums[3],
-              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]), wall_s=wall)
+              depth_abs_rel=sums[2] / sums[3], rays=int(sums[3]), wall_s=wall,
+              field_evals=field_evals(name, coarse))
 
 
 def table(results: dict) -> str:
@@ -324,7 +381,8 @@ def table(results: dict) -> str:
       def cell(k, rs=rs):
         v = np.array([o[k] for o in rs])
         return f'{v.mean():.3f}' + (f' +- {(v.max() - v.min()) / 2:.3f}' if len(v) > 1 else '')
-      out += (f'| {model} | {sampler} | {_setting(sampler)["num_samples"]} | {len(rs)} | '
+      evals = rs[0].get('field_evals', _setting(sampler)['num_samples'])
+      out += (f'| {model} | {sampler} | {evals} | {len(rs)} | '
               f'{cell("vs_converged")} | {cell("perspective_depth_loss")} | '
               f'{cell("depth_abs_rel")} | {sum(o["rays"] for o in rs)} |\n')
   return out

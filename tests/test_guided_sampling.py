@@ -478,8 +478,8 @@ def test_learned_field_quadrature_scores_a_model_against_its_own_dense_render(
   """experiments.sampling_study.quadrature on the tiny world's val frames with seeded random
   weights: a sampler scored against itself is off by exactly 0; the stratified error against
   a 256-sample render shrinks from 4 to 64 samples; the guided sampler runs through the same
-  model path (occupancy from the batch) and gives a finite error; the same rays are scored by
-  every sampler."""
+  model path (occupancy from the batch) and gives a finite error; the ideal proposal with a
+  uniform pdf reproduces stratified sampling; the same rays are scored by every sampler."""
   from experiments.sampling_study import quadrature  # pylint: disable=import-outside-toplevel
   from nsmae_jax.data.fake import fake_batch  # pylint: disable=import-outside-toplevel
   from nsmae_jax.pretrain import pretrain_task  # pylint: disable=import-outside-toplevel
@@ -498,3 +498,13 @@ def test_learned_field_quadrature_scores_a_model_against_its_own_dense_render(
   guided = score('lidar:8', 'stratified:256')
   assert np.isfinite(guided['vs_converged']) and guided['vs_converged'] > 0
   assert coarse['rays'] == fine['rays'] == guided['rays'] == same['rays']
+  # The ideal proposal with an all-uniform pdf places the stratified bin centres; with the
+  # field's weights it charges its coarse pass and still scores the same rays.
+  uniform, stratified = score('ideal:8:1.0', 'stratified:256'), score('stratified:8',
+                                                                     'stratified:256')
+  assert abs(uniform['vs_converged'] - stratified['vs_converged']) < 1e-4
+  assert uniform['field_evals'] == 8 + config.render.coarse_samples
+  assert stratified['field_evals'] == 8
+  ideal = score('ideal:8', 'stratified:256')
+  assert np.isfinite(ideal['vs_converged']) and ideal['rays'] == same['rays']
+  assert ideal['vs_converged'] != stratified['vs_converged']

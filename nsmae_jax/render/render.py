@@ -77,6 +77,20 @@ def render_rays(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, di
   return out
 
 
+def render_at(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray, dirs: jnp.ndarray,
+              t: jnp.ndarray, deltas: jnp.ndarray, far: jnp.ndarray, box_min, box_max,
+              background: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+  """Renders R rays through each of B volumes at given samples: t, deltas [B, R, S] (each
+  sample's distance and the interval it stands for; e.g. from a proposal pass or
+  guidance.inverse_cdf_samples), far [B, R]. The field is evaluated at those S samples only;
+  -> composite() outputs with leading [B, R] plus t. No remat, no jitter: for analysis and
+  eval (experiments.sampling_study); training goes through render_rays."""
+  density, color = _evaluate_at(field_fn, volume, origins, dirs, t, box_min, box_max)
+  out = composite(density, color, t, deltas, far, background)
+  out['t'] = t
+  return out
+
+
 def _evaluate_samples(field_fn: FieldFn, volume: jnp.ndarray, origins: jnp.ndarray,
                       dirs: jnp.ndarray, near: jnp.ndarray, far: jnp.ndarray,
                       jitter: jnp.ndarray | None, num_samples: int, box_min, box_max
