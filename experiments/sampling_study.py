@@ -381,7 +381,7 @@ def table(results: dict) -> str:
       def cell(k, rs=rs):
         v = np.array([o[k] for o in rs])
         return f'{v.mean():.3f}' + (f' +- {(v.max() - v.min()) / 2:.3f}' if len(v) > 1 else '')
-      evals = rs[0].get('field_evals', _setting(sampler)['num_samples'])
+      evals = rs[0]['field_evals'] if 'field_evals' in rs[0] else field_evals(sampler, 0)
       out += (f'| {model} | {sampler} | {evals} | {len(rs)} | '
               f'{cell("vs_converged")} | {cell("perspective_depth_loss")} | '
               f'{cell("depth_abs_rel")} | {sum(o["rays"] for o in rs)} |\n')

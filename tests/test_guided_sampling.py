@@ -473,6 +473,26 @@ def test_model_with_lidar_sampling_has_finite_loss_gradients_and_views():
                                                       'bev_color', 'bev_depth'))
 
 
+def test_quadrature_table_charges_the_ideal_proposal_its_coarse_pass():
+  """sampling_study.table: ideal:S[:a] rows show the recorded S + coarse evaluations per ray,
+  seeds of a model are averaged, rows from before field_evals was recorded show S; a
+  malformed ideal name is refused."""
+  from experiments import sampling_study  # pylint: disable=import-outside-toplevel
+  q = lambda v, **kw: dict(vs_converged=v, perspective_depth_loss=1.5, depth_abs_rel=0.15,
+                           rays=10, **kw)
+  results = {'train': {}, 'eval': {}, 'quadrature_reference': 'stratified:512', 'quadrature': {
+      'stratified:16@ideal:8:0.2': q(0.2, field_evals=136),
+      'stratified:16:1@ideal:8:0.2': q(0.4, field_evals=136),
+      'stratified:16@stratified:8': q(0.3)}}
+  text = sampling_study.table(results)
+  assert '| stratified:16 | ideal:8:0.2 | 136 | 2 | 0.300 +- 0.100 | 1.500 +- 0.000 |' in text
+  assert '| stratified:16 | stratified:8 | 8 | 1 | 0.300 |' in text
+  assert sampling_study.field_evals('ideal:4', 128) == 132
+  assert sampling_study.field_evals('lidar:4:1', 128) == 4
+  with pytest.raises(ValueError, match='ideal:8:0.2:3'):
+    sampling_study.field_evals('ideal:8:0.2:3', 128)
+
+
 def test_learned_field_quadrature_scores_a_model_against_its_own_dense_render(
     converted_data_dir, synthetic_dataroot):
   """experiments.sampling_study.quadrature on the tiny world's val frames with seeded random
