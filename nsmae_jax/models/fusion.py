@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
 MODALITIES = ('camera', 'lidar')
@@ -119,7 +120,7 @@ class Fusion(nn.Module):
     fuse_in = {}
     if lidar_bev is not None:
       b, x, y, _ = lidar_bev.shape
-      lidar_vol = nn.Dense(self.z_cells * cv, dtype=self.dtype, name='height_lift')(lidar_bev)
+      lidar_vol = Dense(self.z_cells * cv, dtype=self.dtype, name='height_lift')(lidar_bev)
       fuse_in['lidar'] = lidar_vol.reshape(b, x, y, self.z_cells, cv)
     if camera_volume is not None:
       fuse_in['camera'] = camera_volume

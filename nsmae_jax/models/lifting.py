@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from nsmae_jax.geometry import (bilinear_corners, bilinear_sample, grid_centers, in_image,
                                 project_points)
+from nsmae_jax.models.dense import Dense
 
 # For one example the lifting is a fixed linear map of the features (the sample positions depend on
 # the calibration only): volume = W @ features.reshape(K*h*w, C), W [X*Y*Z, K*h*w] holding each
@@ -119,7 +120,7 @@ class CameraLifting(nn.Module):
     """features [B, K, h, w, C], intrinsics [B, K, 3, 3], cam2lidar [B, K, 4, 4] ->
     [B, X, Y, Z, channels] LiDAR frame."""
     # Projecting before lifting is the same linear map, on h*w*K cells rather than X*Y*Z*K.
-    f = nn.Dense(self.channels, dtype=self.dtype, name='proj')(features)
+    f = Dense(self.channels, dtype=self.dtype, name='proj')(features)
     # The dense map for the whole per-device batch must fit (lift_features is vmapped over it).
     dense = use_dense_lift(self.volume_shape, f.shape[1:], batch=f.shape[0])
     lift = lambda a, b, c: lift_features(a, b, c, self.volume_shape, self.box_min, self.box_max,

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
 NUM_POINT_FEATURES = 10  # x, y, z, intensity, time lag, 3 offsets to the mean, 2 to the centre
@@ -113,10 +114,10 @@ class PillarFeatureNet(nn.Module):
     seg = (ids + jnp.arange(b)[:, None] * (n + 1)).reshape(-1)   # per-sample segments
     x = x.reshape(b * p, NUM_POINT_FEATURES).astype(self.dtype)
     h = nn.relu(LayerNorm(dtype=self.dtype)(
-        nn.Dense(self.features // 2, dtype=self.dtype)(x)))
+        Dense(self.features // 2, dtype=self.dtype)(x)))
     pmax = jax.ops.segment_max(h, seg, b * (n + 1))
     h = jnp.concatenate([h, pmax[seg]], axis=-1)
-    h = nn.relu(LayerNorm(dtype=self.dtype)(nn.Dense(self.features, dtype=self.dtype)(h)))
+    h = nn.relu(LayerNorm(dtype=self.dtype)(Dense(self.features, dtype=self.dtype)(h)))
     pillars = jax.ops.segment_max(h, seg, b * (n + 1)).reshape(b, n + 1, self.features)[:, :n]
     counts = jax.ops.segment_sum((ids < n).astype(jnp.int32).reshape(-1), seg, b * (n + 1))
     occupied = counts.reshape(b, n + 1)[:, :n, None] > 0
@@ -155,7 +156,7 @@ class BEVBackbone(nn.Module):
     up = nn.ConvTranspose(self.channels, (2, 2), strides=(2, 2), dtype=self.dtype,
                           name='upsample')(coarse)
     x = jnp.concatenate([x, up], axis=-1)
-    return nn.relu(nn.Dense(self.channels, dtype=self.dtype, name='merge')(x))
+    return nn.relu(Dense(self.channels, dtype=self.dtype, name='merge')(x))
 
 
 class LiDAREncoder(nn.Module):

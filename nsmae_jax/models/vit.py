@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
 
@@ -52,8 +53,8 @@ class Block(nn.Module):
     y = LayerNorm(dtype=self.dtype)(x)
     x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype)(y, y)
     y = LayerNorm(dtype=self.dtype)(x)
-    y = nn.Dense(d * self.mlp_ratio, dtype=self.dtype)(y)
-    return x + nn.Dense(d, dtype=self.dtype)(nn.gelu(y))
+    y = Dense(d * self.mlp_ratio, dtype=self.dtype)(y)
+    return x + Dense(d, dtype=self.dtype)(nn.gelu(y))
 
 
 class ViTEncoder(nn.Module):
@@ -109,6 +110,6 @@ class ViTEncoder(nn.Module):
     # The refilled grid gets its positions again (as in the MAE decoder) so that the neck can
     # tell mask tokens apart.
     x = (x + embed).reshape(b * k, gh, gw, self.width)
-    x = nn.Dense(self.out_channels, dtype=self.dtype, name='neck_proj')(x)
+    x = Dense(self.out_channels, dtype=self.dtype, name='neck_proj')(x)
     x = x + nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='neck_conv')(nn.gelu(x))
     return x.reshape(b, k, gh, gw, self.out_channels), masked.reshape(b, k, gh, gw)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from nsmae_jax.config import Config, ConfigError
 from nsmae_jax.models import NSMAEBackbone, compute_dtype, resolve_size
+from nsmae_jax.models.dense import Dense
 from nsmae_jax.render import RadianceField, box_near_far, render_rays
 from nsmae_jax.render.guidance import carved_occupancy_grid, grid_shape, occupancy_grid
 
@@ -42,7 +43,7 @@ class NSMAE(nn.Module):
                                pos_freqs=c.render.pos_freqs, dir_freqs=c.render.dir_freqs,
                                box_min=self.box_min, box_max=self.box_max, dtype=dtype)
     channels = resolve_size(c).volume_channels
-    self.bev_decoder = nn.Dense(c.volume_shape[2] * channels, dtype=dtype)
+    self.bev_decoder = Dense(c.volume_shape[2] * channels, dtype=dtype)
     if c.render.background == 'learned':
       # Logits of the colour behind the volume (sky, far facades); sigmoid(0) = mid grey.
       self.background = self.param('background', nn.initializers.zeros, (3,))

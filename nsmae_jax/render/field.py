@@ -9,6 +9,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from nsmae_jax.models.dense import Dense
+
 
 def positional_encoding(x: jnp.ndarray, num_freqs: int) -> jnp.ndarray:
   """NeRF encoding [x, sin(2^k pi x), cos(2^k pi x)], k < num_freqs.
@@ -88,13 +90,13 @@ class RadianceField(nn.Module):
     x = jnp.concatenate([features.astype(self.dtype),
                          positional_encoding(p, self.pos_freqs).astype(self.dtype)], axis=-1)
     for i in range(self.depth):
-      x = nn.relu(nn.Dense(self.width, dtype=self.dtype, name=f'trunk_{i}')(x))
+      x = nn.relu(Dense(self.width, dtype=self.dtype, name=f'trunk_{i}')(x))
     # Shifted softplus: starts semi-transparent (~0.3 / m) so early gradients reach every sample.
-    density = nn.softplus(nn.Dense(1, dtype=self.dtype, name='density')(x)[..., 0]
+    density = nn.softplus(Dense(1, dtype=self.dtype, name='density')(x)[..., 0]
                           .astype(jnp.float32) - 1.0)
     d = positional_encoding(dirs, self.dir_freqs).astype(self.dtype)
     h = nn.relu(_ConcatDense(self.width // 2, dtype=self.dtype, name='color_hidden')(x, d))
-    color = nn.sigmoid(nn.Dense(3, dtype=self.dtype, name='color')(h).astype(jnp.float32))
+    color = nn.sigmoid(Dense(3, dtype=self.dtype, name='color')(h).astype(jnp.float32))
     return density, color
 
 

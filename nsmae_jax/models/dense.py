@@ -1,0 +1,64 @@
+"""nn.Dense (same parameters, names, initial values and forward) with a hand-written backward
+pass whose kernel gradient XLA:CPU computes without a slow transposed copy.
+
+Why: for y = x @ kernel, autodiff's kernel cotangent is x^T g, a dot contracting the rows of
+both. XLA:CPU (jax 0.10) lays that dot out by transposing g, and fuses g's whole producer chain
+(the layer norm, ReLU and max-pool backward of the pillar net, say) into that transposing copy:
+a loop that reads every input in column order. In the demo train step the pillar net's two such
+copies ([16384, 64] and [16384, 32]) took 15.0 and 6.2 ms of a 243 ms step (2 cores with
+AVX-512, jax.profiler trace). Written as (g^T x)^T the dot transposes x instead (an activation
+already in memory) and leaves g's chain a plain row-major fusion. The bias gradient is a
+ones-vector product (the column sums as a matmul, as in models.norm). The arithmetic is the
+same, only the summation order differs (float32 rounding). In-process A/B of the demo train
+step, interleaved, 40 steps each: 236.7 -> 200.5 ms median with every Dense of the model
+swapped (231.4 -> 207.1 ms for the pillar net's two alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def dense(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """x [..., Cin] @ kernel [Cin, Cout] + bias [Cout]."""
+  return x @ kernel + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, g):
+  x, kernel = res
+  g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+  # (g^T x)^T rather than x^T g: the same sums, but XLA:CPU then transposes x, not g.
+  dk = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).T
+  db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
+  return (g @ kernel.T).astype(x.dtype), dk.astype(kernel.dtype), db.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense over the last axis with its defaults: 'kernel' [Cin, features] (lecun_normal),
+  'bias' [features] (zeros) in param_dtype, computed in `dtype` (None: the promoted type of
+  the input and the kernel). Named Dense so that auto-named instances (Dense_0, ...) keep
+  checkpoints' paths."""
+  features: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    return dense(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
