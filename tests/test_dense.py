@@ -12,7 +12,7 @@ import pytest
 from nsmae_jax.models.dense import Dense
 
 
-@pytest.mark.parametrize('shape,features', [((2, 300, 24), 16), ((5, 7), 3), ((4, 1, 6, 9), 1)])
+@pytest.mark.parametrize('shape,features', [((2, 300, 24), 16), ((4, 1, 6, 9), 1)])
 def test_dense_matches_flax_in_init_values_and_gradients(shape, features):
   ours, ref = Dense(features), nn.Dense(features)
   x = jax.random.normal(jax.random.key(0), shape) * 2.0 + 0.5
