@@ -12,6 +12,13 @@ ones-vector product (the column sums as a matmul, as in models.norm). The arithm
 same, only the summation order differs (float32 rounding). In-process A/B of the demo train
 step, interleaved, 40 steps each: 236.7 -> 200.5 ms median with every Dense of the model
 swapped (231.4 -> 207.1 ms for the pillar net's two alone).
+
+Caveat, measured: under the train step's per-example vmap a custom_vjp is batched as a whole,
+so at per-device batch >= 2 the kernel gradient becomes a batched dot per example; the demo
+step at batch 2 is then no faster than with nn.Dense (574-614 vs 563-592 ms, alternating
+processes). A custom_vmap rule that folds the examples into the rows fixes the batching but
+jax 0.10 cannot linearize a custom_vmap function outside vmap; computing the forward as
+(kernel^T x^T)^T so that plain autodiff gives this layout was far slower (219.6 -> 347.2 ms).
 """
 
 from __future__ import annotations
