@@ -162,10 +162,14 @@ def test_render_at_given_stratified_samples_is_render_rays():
   d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
   near, far, _ = box_near_far(o, d, *BOX, 0.5)
   bg = jnp.array([0.2, 0.3, 0.4])
-  ref = render_rays(field_fn, volume, o, d, near, far, 16, *BOX, background=bg)
-  t, deltas = jax.vmap(jax.vmap(lambda n, f: render.stratified_samples(None, n, f, 16)))(
-      near, far)
-  out = render.render_at(field_fn, volume, o, d, t, deltas, far, *BOX, background=bg)
+
+  @jax.jit
+  def both(volume, o, d, near, far):
+    ref = render_rays(field_fn, volume, o, d, near, far, 16, *BOX, background=bg)
+    t, deltas = jax.vmap(jax.vmap(lambda n, f: render.stratified_samples(None, n, f, 16)))(
+        near, far)
+    return ref, render.render_at(field_fn, volume, o, d, t, deltas, far, *BOX, background=bg)
+  ref, out = both(volume, o, d, near, far)
   for k in ('color', 'depth', 'weights', 't'):
     np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, atol=1e-6)
   assert float(jnp.std(out['depth'])) > 0.1
