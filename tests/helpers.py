@@ -42,3 +42,25 @@ def random_params(init, *args, seed: int = 0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype),
                       jax.eval_shape(init, *args))
+
+
+def assert_matches_flax_module(ours, ref, params, x, g, names) -> dict:
+  """ours and ref (a flax module) applied with the same `params` to x: outputs, input gradients
+  and the gradients of the parameters `names` agree, for the loss sum(tanh(y) * g). Returns our
+  parameter gradients."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def both(params, x):
+    loss = lambda m: lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * g)
+    return [(m.apply(params, x), jax.grad(loss(m), argnums=(0, 1))(params, x))
+            for m in (ours, ref)]
+
+  (y, (dp, dx)), (y_ref, (dp_ref, dx_ref)) = both(params, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+  for k in names:
+    np.testing.assert_allclose(dp['params'][k], dp_ref['params'][k], rtol=1e-4, atol=1e-4)
+  return dp

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_matches_flax_module
 from nsmae_jax.models.norm import LayerNorm, normalize
 
 
@@ -23,18 +24,7 @@ def test_layer_norm_matches_flax_in_values_and_gradients(shape):
   # Non-trivial scale and bias, the same for both (our module reads flax's tree as it is).
   params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape),
                         params)
-
-  @jax.jit
-  def both(params, x):
-    loss = lambda m: lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * g)
-    return [(m.apply(params, x), jax.grad(loss(m), argnums=(0, 1))(params, x))
-            for m in (ours, ref)]
-
-  (y, (dp, dx)), (y_ref, (dp_ref, dx_ref)) = both(params, x)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
-  for k in ('scale', 'bias'):
-    np.testing.assert_allclose(dp['params'][k], dp_ref['params'][k], rtol=1e-4, atol=1e-4)
+  assert_matches_flax_module(ours, ref, params, x, g, ('scale', 'bias'))
 
 
 def test_layer_norm_under_vmap_and_bf16():
