@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from nsmae_jax.models.dense import fold_example_axes
+
 AXIS = 'batch'
 
 # loss_fn(params, example_batch [1, ...], rng, train) -> (loss scalar, {'metrics': {...}})
@@ -28,7 +30,9 @@ class TrainState(train_state.TrainState):
 
 
 def _per_example(loss_fn: LossFn, params, batch: dict, rng: jax.Array, train: bool):
-  """vmaps loss_fn over the leading batch axis; rng per example from its global index."""
+  """vmaps loss_fn over the leading batch axis; rng per example from its global index. Every
+  models.dense layer folds the example axis into its rows (fold_example_axes: one matmul and
+  one kernel-gradient dot for the whole batch instead of batched per-example dots)."""
   b = jax.tree_util.tree_leaves(batch)[0].shape[0]
   first = jax.lax.axis_index(AXIS) * b
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(first + jnp.arange(b))
@@ -37,7 +41,8 @@ def _per_example(loss_fn: LossFn, params, batch: dict, rng: jax.Array, train: bo
     example = jax.tree_util.tree_map(lambda x: x[None], example)
     return loss_fn(params, example, key, train)
 
-  return jax.vmap(one)(batch, keys)
+  with fold_example_axes():
+    return jax.vmap(one)(batch, keys)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: LossFn
