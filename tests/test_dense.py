@@ -15,7 +15,9 @@ from helpers import assert_matches_flax_module
 from nsmae_jax.models.dense import Dense
 
 
-@pytest.mark.parametrize('shape,features', [((2, 300, 24), 16), ((4, 1, 6, 9), 1)])
+# (2, 2**17, 3): 2**18 rows, the bias gradient as a reduce (_REDUCE_BIAS_ROWS)
+@pytest.mark.parametrize('shape,features', [((2, 300, 24), 16), ((4, 1, 6, 9), 1),
+                                            ((2, 2**17, 3), 2)])
 def test_dense_matches_flax_in_init_values_and_gradients(shape, features):
   ours, ref = Dense(features), nn.Dense(features)
   x = jax.random.normal(jax.random.key(0), shape) * 2.0 + 0.5

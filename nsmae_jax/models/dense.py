@@ -8,7 +8,8 @@ a loop that reads every input in column order. In the demo train step the pillar
 copies ([16384, 64] and [16384, 32]) took 15.0 and 6.2 ms of a 243 ms step (2 cores with
 AVX-512, jax.profiler trace). Written as (g^T x)^T the dot transposes x instead (an activation
 already in memory) and leaves g's chain a plain row-major fusion. The bias gradient is a
-ones-vector product (the column sums as a matmul, as in models.norm). The arithmetic is the
+ones-vector product (the column sums as a matmul, as in models.norm), or a reduce for very many
+rows (_REDUCE_BIAS_ROWS). The arithmetic is the
 same, only the summation order differs (float32 rounding). In-process A/B of the demo train
 step, interleaved, 40 steps each: 236.7 -> 200.5 ms median with every Dense of the model
 swapped (231.4 -> 207.1 ms for the pillar net's two alone).
@@ -68,13 +69,25 @@ def _dense_fwd(x, kernel, bias):
   return x @ kernel + bias, (x, kernel)
 
 
+# From this many rows on the bias gradient is a reduce, below it a ones-vector product. Measured
+# (2 cores, AVX-512): on a materialised [1M, 128] cotangent the product (a gemv) takes 78 ms, the
+# reduce 20 ms, and the renderer twin at full.flags sizes (1M samples, 128 wide) drops 3683 ->
+# 3390 ms (4096 x 64: 406 -> 378 ms); but with the reduce everywhere the demo train step was
+# slower (194.8 -> 205.1 ms): there XLA fuses the cotangent's producer chain into the reduce
+# and computes it twice. The demo's largest Dense has 49k rows.
+_REDUCE_BIAS_ROWS = 2 ** 18
+
+
 def _dense_bwd(res, g):
   x, kernel = res
   g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
   # (g^T x)^T rather than x^T g: the same sums, but XLA:CPU then transposes x, not g.
   dk = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32).T
-  db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
+  if g2.shape[0] >= _REDUCE_BIAS_ROWS:
+    db = jnp.sum(g2, axis=0, dtype=jnp.float32)
+  else:
+    db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
   return (g @ kernel.T).astype(x.dtype), dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
 
