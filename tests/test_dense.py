@@ -63,14 +63,16 @@ def _batched_dots(jaxpr: str) -> list[str]:
 
 def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vmap():
   """Inside fold_example_axes (the train step's per-example vmap) the vmapped example axis is
-  folded into the rows: outputs and parameter gradients as without it, nested vmaps and
+  folded into the rows of each Dense and LayerNorm scale/shift: outputs and parameter
+  gradients as without it, nested vmaps and
   per-model (batched) parameters included; outside the context nothing changes."""
   from nsmae_jax.models import dense as dense_lib  # pylint: disable=import-outside-toplevel
+  from nsmae_jax.models.norm import LayerNorm  # pylint: disable=import-outside-toplevel
 
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return Dense(3)(nn.relu(Dense(8)(x)))
+      return Dense(3)(nn.relu(LayerNorm()(Dense(8)(x))))
 
   m = Net()
   xs = jax.random.normal(jax.random.key(0), (3, 5, 7, 4))          # 3 examples [5, 7, 4]

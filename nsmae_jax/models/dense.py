@@ -33,8 +33,9 @@ order, works), so everywhere else `dense` is the custom_vjp alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -46,8 +47,9 @@ _FOLDING = threading.local()
 
 @contextlib.contextmanager
 def fold_example_axes() -> Iterator[None]:
-  """While tracing inside this context, `dense` folds vmapped axes of its input into the rows
-  (see the module docstring). For code whose Dense layers run under jax.vmap inside
+  """While tracing inside this context, the functions made by `fold_examples` (dense, the
+  LayerNorm's scale_shift) fold vmapped axes of their input into its rows (see the module
+  docstring). For code whose Dense layers run under jax.vmap inside
   jax.grad, as steps._per_example; differentiating a Dense that is not under a vmap fails
   inside it."""
   previous = getattr(_FOLDING, 'on', False)
@@ -56,13 +58,6 @@ def fold_example_axes() -> Iterator[None]:
     yield
   finally:
     _FOLDING.on = previous
-
-
-def dense(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
-  """x [..., Cin] @ kernel [Cin, Cout] + bias [Cout], with the hand-written backward pass."""
-  if getattr(_FOLDING, 'on', False):
-    return _folded(x, kernel, bias)
-  return _dense(x, kernel, bias)
 
 
 @jax.custom_vjp
@@ -99,21 +94,32 @@ def _dense_bwd(res, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@jax.custom_batching.custom_vmap
-def _folded(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
-  return _dense(x, kernel, bias)
+def fold_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
+  """fn(x, *params) -> y, with x [..., C] whose leading axes are independent rows (a Dense, a
+  LayerNorm's scale and shift) -> the same function, which inside `fold_example_axes` folds a
+  vmapped axis of x into those rows (custom_vmap) and calls fn once, unbatched. Parameters
+  that are themselves vmapped (a vmap over models) take fn's plain per-example vmap."""
+  @jax.custom_batching.custom_vmap
+  def folded(x, *params):
+    return fn(x, *params)
+
+  @folded.def_vmap
+  def _rule(axis_size, in_batched, x, *params):  # vmapped axes arrive at the front
+    del axis_size
+    if any(in_batched[1:]):
+      axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(fn, in_axes=axes)(x, *params), True
+    return fn(x, *params), in_batched[0]
+
+  @functools.wraps(fn)
+  def call(x, *params):
+    return (folded if getattr(_FOLDING, 'on', False) else fn)(x, *params)
+  return call
 
 
-@_folded.def_vmap
-def _folded_rule(axis_size, in_batched, x, kernel, bias):
-  """x's vmapped axis (at the front here) joins its rows: one unbatched _dense call. Batched
-  parameters (a vmap over models) take the plain per-example path."""
-  del axis_size
-  x_batched, kernel_batched, bias_batched = in_batched
-  if kernel_batched or bias_batched:
-    axes = tuple(0 if b else None for b in in_batched)
-    return jax.vmap(_dense, in_axes=axes)(x, kernel, bias), True
-  return _dense(x, kernel, bias), x_batched
+dense = fold_examples(_dense)
+dense.__doc__ = """x [..., Cin] @ kernel [Cin, Cout] + bias [Cout], with the hand-written backward
+pass; folded over vmapped examples inside fold_example_axes."""
 
 
 class Dense(nn.Module):

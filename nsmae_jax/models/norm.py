@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.dense import fold_examples
+
 
 @jax.custom_vjp
 def scale_shift(x_hat: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
@@ -83,6 +85,11 @@ def _normalize_bwd(epsilon, dtype, res, g):
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
+# Under the train step's per-example vmap the column sums fold the examples into the rows (one
+# product over the batch instead of batched per-example products; models.dense.fold_examples).
+# normalize's row statistics need no folding: a vmapped [..., C] @ ones[C] stays one product.
+_scale_shift_folded = fold_examples(scale_shift)
+
 
 class LayerNorm(nn.Module):
   """nn.LayerNorm over the last axis with scale and bias (its defaults): parameters 'scale'
@@ -101,4 +108,4 @@ class LayerNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale, bias)
     x_hat = normalize(x, self.epsilon, dtype)  # flax's statistics, matmul-shaped
-    return scale_shift(x_hat, scale.astype(dtype), bias.astype(dtype))
+    return _scale_shift_folded(x_hat, scale.astype(dtype), bias.astype(dtype))
