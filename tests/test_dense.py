@@ -88,8 +88,11 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
   with dense_lib.fold_example_axes():
     val, grad = jax.value_and_grad(loss)(params)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-  # folded: no dot has a batch dimension (unfolded, the kernel gradients are batched per example)
+  # folded: no dot has a batch dimension (unfolded, the kernel gradients are batched per
+  # example), and the column sums (bias, LayerNorm scale and shift) run over all 3 x 35 rows at
+  # once: no ones-vector of one example's 35 rows is left.
   assert not _batched_dots(jaxpr)
+  assert 'f32[105]' in jaxpr and 'f32[35]' not in jaxpr
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
