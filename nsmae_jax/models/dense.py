@@ -22,9 +22,10 @@ axis of x is folded into the rows, and the custom_vjp runs once on all of them, 
 Measured, demo train step at per-device batch 2, in-process A/B: 545.5 -> 462.0 ms (same loss).
 Batch 4: 1200.8 -> 960.2 ms; batch 1: unchanged (205.3 vs 204.6 ms). Compiled memory of
 full.flags at per-device batch 2 (experiments.memory_report, XLA:CPU's memory-minimising
-scheduler): 6.9 -> 10.3 GiB in bf16 (its half_precision), 12.6 -> 11.5 GiB in float32; the
-bf16 rise was not traced to a buffer (the large buffers are the same or fewer; the schedule's
-peak moves).
+scheduler): 6.9 -> 9.5 GiB in bf16 (its half_precision), 12.6 -> 11.5 GiB in float32. The
+bf16 rise is mostly the field's (7.4 GiB with every Dense but the field's folded): XLA:CPU
+keeps more float32 copies ([524288, 128], 256 MiB each) of its bf16 activations for the
+backward dots; not traced further.
 Only inside that context: jax 0.10 cannot differentiate a custom_vmap function outside vmap
 (grad(f) and vmap(grad(f)) fail with "Linearization failed"; grad(vmap(f)), the train step's
 order, works), so everywhere else `dense` is the custom_vjp alone.
@@ -74,7 +75,8 @@ def _dense_fwd(x, kernel, bias):
 # reduce 20 ms, and the renderer twin at full.flags sizes (1M samples, 128 wide) drops 3683 ->
 # 3390 ms (4096 x 64: 406 -> 378 ms); but with the reduce everywhere the demo train step was
 # slower (194.8 -> 205.1 ms): there XLA fuses the cotangent's producer chain into the reduce
-# and computes it twice. The demo's largest Dense has 49k rows.
+# and computes it twice. The demo's largest Dense has 49k rows. float32 only: on a bf16
+# cotangent the reduce (in float32) raised full.flags' compiled memory 9.54 -> 10.30 GiB.
 _REDUCE_BIAS_ROWS = 2 ** 18
 
 
@@ -84,7 +86,7 @@ def _dense_bwd(res, g):
   # (g^T x)^T rather than x^T g: the same sums, but XLA:CPU then transposes x, not g.
   dk = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32).T
-  if g2.shape[0] >= _REDUCE_BIAS_ROWS:
+  if g2.shape[0] >= _REDUCE_BIAS_ROWS and g2.dtype == jnp.float32:
     db = jnp.sum(g2, axis=0, dtype=jnp.float32)
   else:
     db = jnp.dot(jnp.ones((g2.shape[0],), g2.dtype), g2, preferred_element_type=jnp.float32)
