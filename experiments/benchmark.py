@@ -19,7 +19,9 @@ scaling (seconds at three ray counts, point counts and per-device batch sizes) a
 scaling_per_unit (the same per ray / point / example: constant = linear);
 renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours at this config's
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
-with renderer_vs_torch (both times, the sizes); full_config_device_memory_gib (temp + argument
+with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
+with each side timed in a process of its own, torch_twin.speedup_alone: the interleaved
+rounds slow ours down, not torch); full_config_device_memory_gib (temp + argument
 + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
 process runs with glibc's huge-page malloc, experiments.launch: the step is 25-40% slower
@@ -466,7 +468,10 @@ def torch_speedup(config) -> dict | None:
   from experiments import torch_twin  # pylint: disable=import-outside-toplevel
   if not torch_twin.torch_available():
     return None
-  return torch_twin.speedup(config)
+  twin = torch_twin.speedup(config)
+  twin.update(torch_twin.speedup_alone(torch_twin.sizes_from_config(config),
+                                       lookup=twin['torch_lookup']))
+  return twin
 
 
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
@@ -499,6 +504,7 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['hugepage_malloc'] = launch.hugepage_malloc_active()
   twin = torch_speedup(config) if torch else None
   results['renderer_speedup_vs_torch'] = twin and twin['renderer_speedup_vs_torch']
+  results['renderer_speedup_vs_torch_alone'] = twin and twin['renderer_speedup_vs_torch_alone']
   results['renderer_vs_torch'] = twin
   memory = full_config_memory() if full_memory else None
   results['full_config_device_memory_gib'] = memory and memory['device_memory_gib']

@@ -32,6 +32,7 @@ of nsmae_jax: without it this prints a message and exits 0.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -436,13 +437,74 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
   return out
 
 
+def time_alone(sizes: Sizes, framework: str, repeats: int = 5, seed: int = 0) -> float:
+  """Median seconds of one forward + backward of one renderer in this process, the other
+  framework never run here: framework 'jax' (torch is not imported) or a torch lookup
+  ('grid_sample', 'gather'). As in speedup(), each round runs it twice in a row and times the
+  second call."""
+  inputs = make_inputs(sizes, seed)
+  params = init_params(sizes, seed)
+  if framework == 'jax':
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    grad_fn = jax_grad_fn(sizes)
+    j = {k: jnp.asarray(v) for k, v in inputs.items()}
+    args = (params, j['volume'], j['background'], j['origins'], j['dirs'], j['near'],
+            jax.random.key(seed), j['target_color'], j['target_depth'])
+    call = lambda: jax.block_until_ready(grad_fn(*args))
+  else:
+    call = TorchTwin(sizes, params, inputs, framework).step
+  call()
+  times = []
+  for _ in range(repeats):
+    call()
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def speedup_alone(sizes: Sizes, repeats: int = 5, lookup: str = 'grid_sample'
+                  ) -> dict[str, float]:
+  """Our renderer and the torch twin (one lookup) each timed in a fresh process of its own
+  (time_alone through `python -m experiments.torch_twin --twin_alone=...`), as a training loop
+  of either framework runs. Measured (config sizes, 2 cores): in one process the torch
+  steps slow ours down even on the second call after a switch (ours alone 64-69 ms, after
+  torch steps 76 ms with one lookup interleaved, 93-105 ms in speedup()'s rounds with two),
+  while torch's time does not move (alone 109-111 ms, after ours 106 ms); so speedup()'s ratio
+  understates ours. -> jax_alone_seconds, torch_alone_seconds,
+  renderer_speedup_vs_torch_alone."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  spec = json.dumps(dataclasses.asdict(sizes))
+  out = {}
+  for framework in ('jax', lookup):
+    cmd = [sys.executable, '-m', 'experiments.torch_twin', f'--twin_alone={framework}',
+           f'--twin_alone_sizes={spec}', f'--twin_repeats={repeats}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+    if proc.returncode != 0 or not lines:
+      raise RuntimeError(f'torch_twin --twin_alone={framework} failed (exit '
+                         f'{proc.returncode}): {proc.stderr[-2000:]}')
+    out['jax_alone_seconds' if framework == 'jax' else 'torch_alone_seconds'] = (
+        json.loads(lines[-1])['seconds'])
+  out['renderer_speedup_vs_torch_alone'] = out['torch_alone_seconds'] / out['jax_alone_seconds']
+  return out
+
+
+def _sizes_from_json(spec: str) -> Sizes:
+  d = json.loads(spec)
+  return Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def print_table(rows: list[dict]) -> None:
   print('renderer forward + backward (volume, field MLP, background), float32, CPU; median over '
         f'{rows[0]["repeats"] if rows else 0} rounds of the second of two calls in a row; '
-        'speedup = torch / ours; "switch": the first call after the other framework ran')
+        'speedup = torch / ours; "switch": the first call after the other framework ran; '
+        '"alone": each in a process of its own (speedup_alone), --twin_alone_too')
   head = (f'{"size":<10} {"rays":>6} {"S":>3} {"volume":>12} {"C":>3} {"MLP":>6} '
           f'{"ours ms":>9} {"torch ms":>9} {"(lookup)":<12} {"gather ms":>10} {"speedup":>8} '
-          f'{"switch: ours":>13} {"torch":>8}')
+          f'{"switch: ours":>13} {"torch":>8} {"alone: ours":>12} {"torch":>8} {"speedup":>8}')
   print(head)
   for r in rows:
     vol = 'x'.join(map(str, r['volume_shape']))
@@ -452,20 +514,26 @@ def print_table(rows: list[dict]) -> None:
           f'{r["torch_seconds"] * 1e3:9.1f} {"(" + r["torch_lookup"] + ")":<12} '
           f'{"" if gather is None else f"{gather * 1e3:10.1f}":>10} '
           f'{r["renderer_speedup_vs_torch"]:8.2f} {r["jax_after_switch_seconds"] * 1e3:13.1f} '
-          f'{r["torch_after_switch_seconds"] * 1e3:8.1f}')
+          f'{r["torch_after_switch_seconds"] * 1e3:8.1f}'
+          + (f' {r["jax_alone_seconds"] * 1e3:12.1f} {r["torch_alone_seconds"] * 1e3:8.1f} '
+             f'{r["renderer_speedup_vs_torch_alone"]:8.2f}' if 'jax_alone_seconds' in r else ''))
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   from experiments import flags as nsflags  # pylint: disable=import-outside-toplevel
+  fv = flags.FLAGS
+  if fv.twin_alone:  # one side of speedup_alone, in its own process
+    seconds = time_alone(_sizes_from_json(fv.twin_alone_sizes), fv.twin_alone, fv.twin_repeats)
+    print(json.dumps({'framework': fv.twin_alone, 'seconds': seconds}))
+    return
   if not torch_available():
     print('torch_twin: torch is not installed (it is an optional extra, not a dependency of '
           'nsmae_jax); install a CPU build of torch to compare the renderer against it. '
           'Nothing timed.')
     return
   config = nsflags.config_from_flags()
-  fv = flags.FLAGS
   sizes = []
   if 'config' in fv.twin_sizes:
     sizes.append(sizes_from_config(config, 'config'))
@@ -476,11 +544,13 @@ def main(argv):
   rows = []
   for s in sizes:
     rows.append(speedup(s, repeats=fv.twin_repeats))
+    if fv.twin_alone_too:
+      rows[-1].update(speedup_alone(s, repeats=fv.twin_repeats,
+                                    lookup=rows[-1]['torch_lookup']))
     print(f'{s.name}: ours {rows[-1]["jax_seconds"] * 1e3:.1f} ms, torch '
           f'{rows[-1]["torch_seconds"] * 1e3:.1f} ms', file=sys.stderr, flush=True)
   print_table(rows)
   if fv.twin_json_out:
-    import json  # pylint: disable=import-outside-toplevel
     with open(fv.twin_json_out, 'w') as f:
       json.dump(rows, f, indent=2)
 
@@ -494,4 +564,9 @@ if __name__ == '__main__':
                      '(the flagfile\'s), full (experiments/configs/full.flags), large (4096 rays '
                      'x 64 samples, 128x128x8 volume of 32 channels).')
   _flags.DEFINE_string('twin_json_out', '', 'Write the rows as JSON to this file.')
+  _flags.DEFINE_bool('twin_alone_too', True, 'Also time each side in a process of its own '
+                     '(speedup_alone: the *_alone_seconds columns).')
+  _flags.DEFINE_string('twin_alone', '', 'Internal (speedup_alone): time only this side (jax, '
+                       'grid_sample or gather) at --twin_alone_sizes, print it as JSON.')
+  _flags.DEFINE_string('twin_alone_sizes', '', 'Internal: the Sizes of --twin_alone, as JSON.')
   _nsflags.run(main)

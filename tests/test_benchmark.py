@@ -5,6 +5,7 @@ timing thresholds: the figures depend on the machine and its load."""
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +107,27 @@ def test_run_benchmarks_json(tmp_path):
   loaded = json.loads(path.read_text())
   assert loaded['scaling']['train_step_seconds_by_batch']['4'] > 0
   assert loaded['parts']['renderer']['gflops'] > 0
+
+
+@pytest.mark.slow
+def test_torch_twin_times_our_renderer_alone_without_torch():
+  """speedup_alone's jax side (`python -m experiments.torch_twin --twin_alone=jax`) runs and
+  reports positive seconds without importing torch (an optional extra)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from experiments import torch_twin  # pylint: disable=import-outside-toplevel
+  sizes = torch_twin.Sizes(name='tiny', perspective_rays=16, bev_rays=8, num_samples=4,
+                           volume_shape=(4, 4, 2), channels=4, field_width=8, field_depth=1)
+  spec = json.dumps(dataclasses.asdict(sizes))
+  assert torch_twin._sizes_from_json(spec) == sizes  # pylint: disable=protected-access
+  code = ('import sys, runpy; sys.modules["torch"] = None; '  # any torch import fails
+          'sys.argv = ["torch_twin", "--twin_alone=jax", "--twin_repeats=2", '
+          f'"--twin_alone_sizes={spec.replace(chr(34), chr(92) + chr(34))}"]; '
+          'runpy.run_module("experiments.torch_twin", run_name="__main__")')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, check=False,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{')][-1])
+  assert out['framework'] == 'jax' and out['seconds'] > 0

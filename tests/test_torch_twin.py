@@ -95,3 +95,11 @@ def test_sizes_from_the_shipped_configs():
   full = tt.sizes_from_config(nsflags.config_from_flagfile(tt.FULL_FLAGS))
   assert (full.batch, full.rays, full.num_samples, full.volume_shape, full.channels,
           full.field_width, full.field_depth) == (2, 8192, 64, (100, 100, 8), 64, 128, 3)
+
+
+@pytest.mark.slow
+def test_speedup_alone_times_each_side_in_its_own_process():
+  r = tt.speedup_alone(SIZES, repeats=2)
+  assert r['jax_alone_seconds'] > 0 and r['torch_alone_seconds'] > 0
+  assert r['renderer_speedup_vs_torch_alone'] == pytest.approx(
+      r['torch_alone_seconds'] / r['jax_alone_seconds'])
