@@ -21,8 +21,8 @@ renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours a
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
 with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
 with each side timed in a process of its own, torch_twin.speedup_alone: the interleaved
-rounds slow ours down, not torch); full_config_device_memory_gib (temp + argument
-+ output - alias of the compiled full.flags step at per-device batch 2,
+rounds slow ours down, a fresh process slows torch down); full_config_device_memory_gib
+(temp + argument + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
 process runs with glibc's huge-page malloc, experiments.launch: the step is 25-40% slower
 without it on CPU).

@@ -468,12 +468,12 @@ def speedup_alone(sizes: Sizes, repeats: int = 5, lookup: str = 'grid_sample'
                   ) -> dict[str, float]:
   """Our renderer and the torch twin (one lookup) each timed in a fresh process of its own
   (time_alone through `python -m experiments.torch_twin --twin_alone=...`), as a training loop
-  of either framework runs. Measured (config sizes, 2 cores): in one process the torch
-  steps slow ours down even on the second call after a switch (ours alone 64-69 ms, after
-  torch steps 76 ms with one lookup interleaved, 93-105 ms in speedup()'s rounds with two),
-  while torch's time does not move (alone 109-111 ms, after ours 106 ms); so speedup()'s ratio
-  understates ours. -> jax_alone_seconds, torch_alone_seconds,
-  renderer_speedup_vs_torch_alone."""
+  of either framework runs it. The two protocols move both sides (2 cores, AVX-512; medians of
+  7 rounds): in speedup()'s shared process the torch steps slow ours down even on the second
+  call after a switch (config sizes: ours 77.5 ms there, 65.5 ms alone), while torch is slower
+  alone than after our steps (config: 122.5 vs 105.0 ms; 4096 x 64: 968 vs 740 ms; its large
+  buffers then meet a fresh malloc heap, a guess not checked). Both ratios are reported.
+  -> jax_alone_seconds, torch_alone_seconds, renderer_speedup_vs_torch_alone."""
   import subprocess  # pylint: disable=import-outside-toplevel
   spec = json.dumps(dataclasses.asdict(sizes))
   out = {}
