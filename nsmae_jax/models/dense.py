@@ -9,8 +9,8 @@ copies ([16384, 64] and [16384, 32]) took 15.0 and 6.2 ms of a 243 ms step (2 co
 AVX-512, jax.profiler trace). Written as (g^T x)^T the dot transposes x instead (an activation
 already in memory) and leaves g's chain a plain row-major fusion. The bias gradient is a
 ones-vector product (the column sums as a matmul, as in models.norm), or a reduce for very many
-rows (_REDUCE_BIAS_ROWS). The arithmetic is the
-same, only the summation order differs (float32 rounding). In-process A/B of the demo train
+rows (_REDUCE_BIAS_ROWS). The arithmetic is the same, only the summation order differs (float32
+rounding). In-process A/B of the demo train
 step, interleaved, 40 steps each: 236.7 -> 200.5 ms median with every Dense of the model
 swapped (231.4 -> 207.1 ms for the pillar net's two alone).
 
@@ -22,7 +22,7 @@ axis of x is folded into the rows, and the custom_vjp runs once on all of them, 
 Measured, demo train step at per-device batch 2, in-process A/B: 545.5 -> 462.0 ms (same loss).
 Batch 4: 1200.8 -> 960.2 ms; batch 1: unchanged (205.3 vs 204.6 ms). Compiled memory of
 full.flags at per-device batch 2 (experiments.memory_report, XLA:CPU's memory-minimising
-scheduler): 6.9 -> 9.5 GiB in bf16 (its half_precision), 12.6 -> 11.5 GiB in float32. The
+scheduler): 7.0 -> 9.5 GiB in bf16 (its half_precision), 12.6 -> 11.5 GiB in float32. The
 bf16 rise is mostly the field's (7.4 GiB with every Dense but the field's folded): XLA:CPU
 keeps more float32 copies ([524288, 128], 256 MiB each) of its bf16 activations for the
 backward dots; not traced further.
