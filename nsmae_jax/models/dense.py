@@ -74,8 +74,9 @@ def _dense_fwd(x, kernel, bias):
 # (2 cores, AVX-512): on a materialised [1M, 128] cotangent the product (a gemv) takes 78 ms, the
 # reduce 20 ms, and the renderer twin at full.flags sizes (1M samples, 128 wide) drops 3683 ->
 # 3390 ms (4096 x 64: 406 -> 378 ms); but with the reduce everywhere the demo train step was
-# slower (194.8 -> 205.1 ms): there XLA fuses the cotangent's producer chain into the reduce
-# and computes it twice. The demo's largest Dense has 49k rows. float32 only: on a bf16
+# slower (194.8 -> 205.1 ms), probably because XLA fuses the cotangent's producer into the
+# reduce (a reduce with its producer fused took 111 ms on the same [1M, 128]; not checked in
+# the step's HLO). The demo's largest Dense has 49k rows. float32 only: on a bf16
 # cotangent the reduce (in float32) raised full.flags' compiled memory 9.54 -> 10.30 GiB.
 _REDUCE_BIAS_ROWS = 2 ** 18
 
