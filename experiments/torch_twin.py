@@ -378,6 +378,17 @@ class TorchTwin:
 # Timing
 
 
+def _jax_call(sizes: Sizes, params: dict, inputs: dict[str, np.ndarray], seed: int):
+  """() -> one jitted forward + backward of our renderer on `inputs`, blocked until done."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  grad_fn = jax_grad_fn(sizes)
+  j = {k: jnp.asarray(v) for k, v in inputs.items()}
+  args = (params, j['volume'], j['background'], j['origins'], j['dirs'], j['near'],
+          jax.random.key(seed), j['target_color'], j['target_depth'])
+  return lambda: jax.block_until_ready(grad_fn(*args))
+
+
 def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
             lookups: tuple[str, ...] = ('grid_sample', 'gather')) -> dict[str, Any]:
   """Times one forward + backward of our jitted renderer and of the torch twin at the same sizes.
@@ -399,23 +410,17 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
     (Sizes.describe()), threads, repeats.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   torch = _torch()
   sizes = (config_or_sizes if isinstance(config_or_sizes, Sizes)
            else sizes_from_config(config_or_sizes))
   inputs = make_inputs(sizes, seed)
   params = init_params(sizes, seed)
-  grad_fn = jax_grad_fn(sizes)
-  j = {k: jnp.asarray(v) for k, v in inputs.items()}
-  key = jax.random.key(seed)
-  args = (params, j['volume'], j['background'], j['origins'], j['dirs'], j['near'], key,
-          j['target_color'], j['target_depth'])
+  jax_call = _jax_call(sizes, params, inputs, seed)
   t0 = time.perf_counter()
-  jax.block_until_ready(grad_fn(*args))
+  jax_call()
   compile_s = time.perf_counter() - t0
   twins = {lk: TorchTwin(sizes, params, inputs, lk) for lk in lookups}
-  calls = {'jax': lambda: jax.block_until_ready(grad_fn(*args)),
-           **{lk: twin.step for lk, twin in twins.items()}}
+  calls = {'jax': jax_call, **{lk: twin.step for lk, twin in twins.items()}}
   times: dict[str, list[float]] = {k: [] for k in calls}
   first: dict[str, list[float]] = {k: [] for k in calls}
   for _ in range(repeats):
@@ -444,16 +449,8 @@ def time_alone(sizes: Sizes, framework: str, repeats: int = 5, seed: int = 0) ->
   second call."""
   inputs = make_inputs(sizes, seed)
   params = init_params(sizes, seed)
-  if framework == 'jax':
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    grad_fn = jax_grad_fn(sizes)
-    j = {k: jnp.asarray(v) for k, v in inputs.items()}
-    args = (params, j['volume'], j['background'], j['origins'], j['dirs'], j['near'],
-            jax.random.key(seed), j['target_color'], j['target_depth'])
-    call = lambda: jax.block_until_ready(grad_fn(*args))
-  else:
-    call = TorchTwin(sizes, params, inputs, framework).step
+  call = (_jax_call(sizes, params, inputs, seed) if framework == 'jax'
+          else TorchTwin(sizes, params, inputs, framework).step)
   call()
   times = []
   for _ in range(repeats):

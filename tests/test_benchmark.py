@@ -121,10 +121,9 @@ def test_torch_twin_times_our_renderer_alone_without_torch():
                            volume_shape=(4, 4, 2), channels=4, field_width=8, field_depth=1)
   spec = json.dumps(dataclasses.asdict(sizes))
   assert torch_twin._sizes_from_json(spec) == sizes  # pylint: disable=protected-access
+  argv = ['torch_twin', '--twin_alone=jax', '--twin_repeats=2', f'--twin_alone_sizes={spec}']
   code = ('import sys, runpy; sys.modules["torch"] = None; '  # any torch import fails
-          'sys.argv = ["torch_twin", "--twin_alone=jax", "--twin_repeats=2", '
-          f'"--twin_alone_sizes={spec.replace(chr(34), chr(92) + chr(34))}"]; '
-          'runpy.run_module("experiments.torch_twin", run_name="__main__")')
+          f'sys.argv = {argv!r}; runpy.run_module("experiments.torch_twin", run_name="__main__")')
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         timeout=300, check=False,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

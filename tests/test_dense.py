@@ -64,8 +64,8 @@ def _batched_dots(jaxpr: str) -> list[str]:
 def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vmap():
   """Inside fold_example_axes (the train step's per-example vmap) the vmapped example axis is
   folded into the rows of each Dense and LayerNorm scale/shift: outputs and parameter
-  gradients as without it, nested vmaps and
-  per-model (batched) parameters included; outside the context nothing changes."""
+  gradients as without it, nested vmaps and per-model (batched) parameters included; outside
+  the context nothing changes."""
   from nsmae_jax.models import dense as dense_lib  # pylint: disable=import-outside-toplevel
   from nsmae_jax.models.norm import LayerNorm  # pylint: disable=import-outside-toplevel
 
