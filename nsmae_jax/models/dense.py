@@ -10,9 +10,9 @@ AVX-512, jax.profiler trace). Written as (g^T x)^T the dot transposes x instead 
 already in memory) and leaves g's chain a plain row-major fusion. The bias gradient is a
 ones-vector product (the column sums as a matmul, as in models.norm), or a reduce for very many
 rows (_REDUCE_BIAS_ROWS). The arithmetic is the same, only the summation order differs (float32
-rounding). In-process A/B of the demo train
-step, interleaved, 40 steps each: 236.7 -> 200.5 ms median with every Dense of the model
-swapped (231.4 -> 207.1 ms for the pillar net's two alone).
+rounding). In-process A/B of the demo train step, interleaved, 40 steps each: 236.7 -> 200.5 ms
+median with every Dense of the model swapped (231.4 -> 207.1 ms for the pillar net's two
+alone).
 
 Under vmap a custom_vjp is batched as a whole: its kernel gradient becomes a batched dot per
 example (and XLA:CPU adds transposed copies around it), so the train step's per-example vmap
@@ -50,9 +50,8 @@ _FOLDING = threading.local()
 def fold_example_axes() -> Iterator[None]:
   """While tracing inside this context, the functions made by `fold_examples` (dense, the
   LayerNorm's scale_shift) fold vmapped axes of their input into its rows (see the module
-  docstring). For code whose Dense layers run under jax.vmap inside
-  jax.grad, as steps._per_example; differentiating a Dense that is not under a vmap fails
-  inside it."""
+  docstring). For code whose Dense layers run under jax.vmap inside jax.grad, as
+  steps._per_example; differentiating a Dense that is not under a vmap fails inside it."""
   previous = getattr(_FOLDING, 'on', False)
   _FOLDING.on = True
   try:
@@ -76,8 +75,8 @@ def _dense_fwd(x, kernel, bias):
 # 3390 ms (4096 x 64: 406 -> 378 ms); but with the reduce everywhere the demo train step was
 # slower (194.8 -> 205.1 ms), probably because XLA fuses the cotangent's producer into the
 # reduce (a reduce with its producer fused took 111 ms on the same [1M, 128]; not checked in
-# the step's HLO). The demo's largest Dense has 49k rows. float32 only: on a bf16
-# cotangent the reduce (in float32) raised full.flags' compiled memory 9.54 -> 10.30 GiB.
+# the step's HLO). The demo's largest Dense has 49k rows. float32 only: on a bf16 cotangent the
+# reduce (in float32) raised full.flags' compiled memory 9.54 -> 10.30 GiB.
 _REDUCE_BIAS_ROWS = 2 ** 18
 
 
