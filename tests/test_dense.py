@@ -84,9 +84,9 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
     per_example = jax.vmap(lambda x: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(xs)
     return jnp.mean(per_example)
 
-  ref_val, ref_grad = jax.value_and_grad(loss)(params)
+  ref_val, ref_grad = jax.jit(jax.value_and_grad(loss))(params)
   with dense_lib.fold_example_axes():
-    val, grad = jax.value_and_grad(loss)(params)
+    val, grad = jax.jit(jax.value_and_grad(loss))(params)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
   # folded: no dot has a batch dimension (unfolded, the kernel gradients are batched per
   # example), and the column sums (bias, LayerNorm scale and shift) run over all 3 x 35 rows at
@@ -107,9 +107,9 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
   def per_model(ps):
     return jnp.sum(jax.vmap(lambda p: m.apply({'params': p}, xs[0]))(ps) ** 2)
 
-  refs = [jax.grad(nested)(params), jax.grad(per_model)(two)]
+  refs = [jax.jit(jax.grad(nested))(params), jax.jit(jax.grad(per_model))(two)]
   with dense_lib.fold_example_axes():
-    outs = [jax.grad(nested)(params), jax.grad(per_model)(two)]
+    outs = [jax.jit(jax.grad(nested))(params), jax.jit(jax.grad(per_model))(two)]
   for out, ref in zip(outs, refs):
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)

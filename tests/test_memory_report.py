@@ -31,10 +31,11 @@ def test_exact_full_config_step_fits_16_gib_per_device_at_batch_2():
   base encoders, 256x704 images, 2 x 4096 rays x 64 samples, 262144 points), lowered with
   abstract shapes and compiled at per-device batch 2 by the command line (a fresh process: it
   selects XLA's memory-minimising CPU scheduler before jax starts): XLA's estimate of its device
-  memory is <= 16 GiB. Measured: 9.5 GiB with --remat=true (full.flags' setting), 12.5 GiB
-  without (7.0 / 10.0 GiB before models.dense folded the per-example vmap into the rows, with
-  bf16; in float32 the fold lowers it, 12.6 -> 11.5 GiB; 8.2 / 11.5 GiB before models.dense's hand-written backward, 14.7 / 18.2 GiB before
-  the fusion's full im2col and the per-sample view encoding went)."""
+  memory is <= 16 GiB. Measured: 9.6 GiB with --remat=true (full.flags' setting), 12.5 GiB without
+  (9.5 / 12.5 GiB before models.conv ran each convolution per example; 7.0 / 10.0 GiB before
+  models.dense folded the per-example vmap into the rows, with bf16; in float32 the fold lowers
+  it, 12.6 -> 11.5 GiB; 8.2 / 11.5 GiB before models.dense's hand-written backward, 14.7 / 18.2
+  GiB before the fusion's full im2col and the per-sample view encoding went)."""
   from experiments import benchmark  # pylint: disable=import-outside-toplevel
   # What the benchmark reports as full_config_device_memory_gib: the command line in a fresh
   # process (one device, the CLI's own scheduler flag), its figures read back as JSON.

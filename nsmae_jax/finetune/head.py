@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config
 from nsmae_jax.data.schema import NUM_MAP_CLASSES
 from nsmae_jax.models import NSMAEBackbone, compute_dtype
+from nsmae_jax.models.conv import Conv
 from nsmae_jax.models.norm import LayerNorm
 
 
@@ -38,10 +39,10 @@ class BEVSegHead(nn.Module):
     b, _, _, cb = bev.shape
     x = jax.image.resize(bev, (b, self.out_cells, self.out_cells, cb), 'bilinear')
     for k in range(2):
-      x = nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{k}')(x)
+      x = Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{k}')(x)
       x = nn.relu(LayerNorm(dtype=self.dtype, name=f'norm{k}')(x))
     # Bias towards "absent" (prior 0.1, as detection heads do) so early focal losses are small.
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier',
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier',
                      bias_init=nn.initializers.constant(-2.2))(x)
     return logits.astype(jnp.float32)
 

@@ -46,6 +46,11 @@ import jax.numpy as jnp
 _FOLDING = threading.local()
 
 
+def folding_examples() -> bool:
+  """Whether tracing is inside `fold_example_axes`."""
+  return getattr(_FOLDING, 'on', False)
+
+
 @contextlib.contextmanager
 def fold_example_axes() -> Iterator[None]:
   """While tracing inside this context, the functions made by `fold_examples` (dense, the
@@ -115,7 +120,7 @@ def fold_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
 
   @functools.wraps(fn)
   def call(x, *params):
-    return (folded if getattr(_FOLDING, 'on', False) else fn)(x, *params)
+    return (folded if folding_examples() else fn)(x, *params)
   return call
 
 

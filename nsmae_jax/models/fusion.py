@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.conv import conv_general_dilated
 from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
@@ -47,8 +47,8 @@ def _conv3x3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 def _conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   """'SAME' 3x3 convolution (as flax's nn.Conv): x [B, X, Y, Cin], kernel [3, 3, Cin, Cout]."""
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 class Conv3x3x3(nn.Module):

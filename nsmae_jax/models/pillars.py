@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.conv import Conv
 from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
@@ -136,10 +137,10 @@ class BEVBackbone(nn.Module):
   dtype: Any = jnp.float32
 
   def _stage(self, x, stride, name):
-    x = nn.Conv(self.channels, (3, 3), strides=stride, dtype=self.dtype, name=f'{name}_down')(x)
+    x = Conv(self.channels, (3, 3), strides=stride, dtype=self.dtype, name=f'{name}_down')(x)
     x = nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm0')(x))
     for k in range(1, self.blocks):
-      y = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name=f'{name}_conv{k}')(x)
+      y = Conv(self.channels, (3, 3), dtype=self.dtype, name=f'{name}_conv{k}')(x)
       x = x + nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm{k}')(y))
     return x
 

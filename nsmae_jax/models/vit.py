@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nsmae_jax.models.conv import Conv
 from nsmae_jax.models.dense import Dense
 from nsmae_jax.models.norm import LayerNorm
 
@@ -81,7 +82,7 @@ class ViTEncoder(nn.Module):
     b, k, h, w, _ = images.shape
     gh, gw = h // self.patch, w // self.patch
     t = gh * gw
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID',
+    x = Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID',
                 dtype=self.dtype, name='patch_embed')(
                     (images.reshape(b * k, h, w, 3) - 0.5).astype(self.dtype))
     x = x.reshape(b, k, t, self.width)
@@ -111,5 +112,5 @@ class ViTEncoder(nn.Module):
     # tell mask tokens apart.
     x = (x + embed).reshape(b * k, gh, gw, self.width)
     x = Dense(self.out_channels, dtype=self.dtype, name='neck_proj')(x)
-    x = x + nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='neck_conv')(nn.gelu(x))
+    x = x + Conv(self.out_channels, (3, 3), dtype=self.dtype, name='neck_conv')(nn.gelu(x))
     return x.reshape(b, k, gh, gw, self.out_channels), masked.reshape(b, k, gh, gw)

@@ -32,7 +32,9 @@ class TrainState(train_state.TrainState):
 def _per_example(loss_fn: LossFn, params, batch: dict, rng: jax.Array, train: bool):
   """vmaps loss_fn over the leading batch axis; rng per example from its global index. Every
   models.dense layer folds the example axis into its rows (fold_example_axes: one matmul and
-  one kernel-gradient dot for the whole batch instead of batched per-example dots)."""
+  one kernel-gradient dot for the whole batch instead of batched per-example dots), and every
+  models.conv convolution runs once per example (XLA:CPU's convolution backward grows faster
+  than its batch)."""
   b = jax.tree_util.tree_leaves(batch)[0].shape[0]
   first = jax.lax.axis_index(AXIS) * b
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(first + jnp.arange(b))

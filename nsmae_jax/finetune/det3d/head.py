@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from nsmae_jax.config import Config
 from nsmae_jax.data.schema import NUM_DETECTION_CLASSES
 from nsmae_jax.models import NSMAEBackbone, compute_dtype
+from nsmae_jax.models.conv import Conv
 from nsmae_jax.models.norm import LayerNorm
 
 # Regression channels of the head, in this order (all at a box's centre cell):
@@ -56,15 +57,15 @@ class CenterHead(nn.Module):
     x = jax.image.resize(bev, (b, self.out_cells, self.out_cells, cb), 'bilinear')
 
     def block(h, name):
-      h = nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'{name}_conv')(h)
+      h = Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype, name=f'{name}_conv')(h)
       return nn.relu(LayerNorm(dtype=self.dtype, name=f'{name}_norm')(h))
 
     shared = block(x, 'shared')
-    heat = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='heatmap',
+    heat = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='heatmap',
                    bias_init=nn.initializers.constant(HEATMAP_PRIOR_BIAS))(block(shared, 'heat'))
     regs = []
     for name, (lo, hi) in REGRESSION.items():
-      regs.append(nn.Conv(hi - lo, (1, 1), dtype=self.dtype, name=name)(block(shared, name)))
+      regs.append(Conv(hi - lo, (1, 1), dtype=self.dtype, name=name)(block(shared, name)))
     return {'heatmap': heat.astype(jnp.float32),
             'regression': jnp.concatenate(regs, axis=-1).astype(jnp.float32)}
 
