@@ -17,6 +17,10 @@ loop: the per-device batch is static and small) and stacks the results; the grad
 per-example convolutions' own. Everywhere else, and for a vmap over the kernel (a vmap over
 models), it is lax.conv_general_dilated. The arithmetic is the same per example.
 
+CPU only (jax.default_backend() at trace time): on GPU/TPU a convolution's batch is what keeps
+the device busy, and unrolling a large per-device batch would also lengthen the compile; there
+the examples stay folded into the batch (not measured on an accelerator: none was available).
+
 `Conv` is flax's nn.Conv (same parameters, names, initial values) with that convolution.
 """
 
@@ -34,8 +38,9 @@ from nsmae_jax.models.dense import folding_examples
 
 def unroll_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
   """fn(x, *params) -> y, x with its own leading batch axis -> the same function, which inside
-  `fold_example_axes` runs a vmapped axis of x one example at a time (custom_vmap: a Python loop
-  over the axis, stacked). Parameters that are themselves vmapped take fn's plain vmap."""
+  `fold_example_axes` on the CPU backend runs a vmapped axis of x one example at a time
+  (custom_vmap: a Python loop over the axis, stacked). Parameters that are themselves vmapped
+  take fn's plain vmap."""
   @jax.custom_batching.custom_vmap
   def unrolled(x, *params):
     return fn(x, *params)
@@ -49,7 +54,8 @@ def unroll_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray
 
   @functools.wraps(fn)
   def call(x, *params):
-    return (unrolled if folding_examples() else fn)(x, *params)
+    on = folding_examples() and jax.default_backend() == 'cpu'
+    return (unrolled if on else fn)(x, *params)
   return call
 
 
