@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_flax_module
+from helpers import assert_matches_flax_module, flat_draw
 from nsmae_jax.models.dense import Dense
 
 
@@ -20,14 +20,14 @@ from nsmae_jax.models.dense import Dense
                                             ((2, 2**17, 3), 2)])
 def test_dense_matches_flax_in_init_values_and_gradients(shape, features):
   ours, ref = Dense(features), nn.Dense(features)
-  x = jax.random.normal(jax.random.key(0), shape) * 2.0 + 0.5
-  g = jax.random.normal(jax.random.key(1), shape[:-1] + (features,))
-  params = ref.init(jax.random.key(2), x)
-  ours_init = ours.init(jax.random.key(2), x)
+  x = flat_draw(jax.random.normal, jax.random.key(0), shape) * 2.0 + 0.5
+  g = flat_draw(jax.random.normal, jax.random.key(1), shape[:-1] + (features,))
+  params = jax.jit(ref.init)(jax.random.key(2), x)
+  ours_init = jax.jit(ours.init)(jax.random.key(2), x)
   for k in ('kernel', 'bias'):
     np.testing.assert_array_equal(ours_init['params'][k], params['params'][k])
-  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape),
-                        params)
+  params = jax.tree.map(
+      lambda p: p + 0.3 * flat_draw(jax.random.normal, jax.random.key(3), p.shape), params)
   dp = assert_matches_flax_module(ours, ref, params, x, g, ('kernel', 'bias'))
   for k in ('kernel', 'bias'):
     assert float(jnp.max(jnp.abs(dp['params'][k]))) > 0
@@ -41,18 +41,20 @@ def test_dense_keeps_auto_names_dtypes_and_vmaps():
     def __call__(self, x):
       return Dense(4, dtype=jnp.bfloat16)(Dense(8)(x))
   x = jnp.ones((3, 5))
-  params = Two().init(jax.random.key(0), x)['params']
+  params = jax.jit(Two().init)(jax.random.key(0), x)['params']
   assert sorted(params) == ['Dense_0', 'Dense_1']
-  y = Two().apply({'params': params}, x)
+  apply = lambda p: Two().apply({'params': p}, x)
+  y, grads = jax.jit(lambda p: (apply(p), jax.grad(
+      lambda p: jnp.sum(apply(p).astype(jnp.float32)))(p)))(params)
   assert y.dtype == jnp.bfloat16 and y.shape == (3, 4)
-  grads = jax.grad(lambda p: jnp.sum(Two().apply({'params': p}, x).astype(jnp.float32)))(params)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(grads))
 
   m = Dense(2)
-  p = m.init(jax.random.key(1), jnp.ones((1, 3)))
-  xs = jax.random.normal(jax.random.key(2), (4, 6, 3))
-  per_ex = jax.vmap(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2)), in_axes=(None, 0))(p, xs)
-  one = jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2))(p, xs[1])
+  p = jax.jit(m.init)(jax.random.key(1), jnp.ones((1, 3)))
+  xs = flat_draw(jax.random.normal, jax.random.key(2), (4, 6, 3))
+  loss = lambda p, x: jnp.sum(m.apply(p, x) ** 2)
+  per_ex, one = jax.jit(lambda p, xs: (jax.vmap(jax.grad(loss), in_axes=(None, 0))(p, xs),
+                                       jax.grad(loss)(p, xs[1])))(p, xs)
   np.testing.assert_allclose(per_ex['params']['kernel'][1], one['params']['kernel'], rtol=1e-5)
 
 
@@ -75,10 +77,10 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
       return Dense(3)(nn.relu(LayerNorm()(Dense(8)(x))))
 
   m = Net()
-  xs = jax.random.normal(jax.random.key(0), (3, 5, 7, 4))          # 3 examples [5, 7, 4]
-  params = m.init(jax.random.key(1), xs[0])['params']
-  params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape),
-                        params)
+  xs = flat_draw(jax.random.normal, jax.random.key(0), (3, 5, 7, 4))  # 3 examples [5, 7, 4]
+  params = jax.jit(m.init)(jax.random.key(1), xs[0])['params']
+  params = jax.tree.map(
+      lambda p: p + 0.2 * flat_draw(jax.random.normal, jax.random.key(2), p.shape), params)
 
   def loss(p):
     per_example = jax.vmap(lambda x: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(xs)

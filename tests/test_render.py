@@ -291,22 +291,27 @@ def test_trilinear_gradients_match_autodiff_of_the_gathers():
   cot = jnp.asarray(rng.normal(size=(2, 200, 5)), jnp.float32)
 
   def grads(fn):
-    loss = lambda v, p: jnp.sum(jax.vmap(lambda v, p: fn(v, p, *BOX))(v, p) * cot)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(volume, points)
+    def loss(v, p):
+      out = jax.vmap(lambda v, p: fn(v, p, *BOX))(v, p)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(volume, points)
 
-  (loss, (dv, dp)), (loss_ref, (dv_ref, dp_ref)) = grads(render.trilinear_interpolate), grads(
-      _trilinear_by_autodiff)
-  values = lambda fn: jax.jit(jax.vmap(lambda v, p: fn(v, p, *BOX)))(volume, points)
-  np.testing.assert_allclose(values(render.trilinear_interpolate),
-                             values(_trilinear_by_autodiff), rtol=1e-5, atol=1e-6)
+  ((loss, values), (dv, dp)), ((loss_ref, values_ref), (dv_ref, dp_ref)) = (
+      grads(render.trilinear_interpolate), grads(_trilinear_by_autodiff))
+  np.testing.assert_allclose(values, values_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   np.testing.assert_allclose(dv, dv_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dp, dp_ref, rtol=1e-4, atol=1e-5)
   assert np.count_nonzero(np.asarray(dv)) > 0
   assert np.count_nonzero(np.asarray(dp)[:, 10:]) > 0
   np.testing.assert_array_equal(np.asarray(dp)[:, :10, :2][np.abs(points[:, :10, :2]) > 32], 0)
-  half = trilinear_interpolate(volume[0].astype(jnp.bfloat16), points[0], *BOX)
+
+  @jax.jit
+  def bf16(v):
+    grad = jax.grad(lambda v: jnp.sum(render.trilinear_interpolate(v, points[0], *BOX)
+                                      .astype(jnp.float32)))
+    return trilinear_interpolate(v, points[0], *BOX), grad(v)
+
+  half, d_half = bf16(volume[0].astype(jnp.bfloat16))
   assert half.dtype == jnp.bfloat16
-  d_half = jax.grad(lambda v: jnp.sum(render.trilinear_interpolate(v, points[0], *BOX)
-                                      .astype(jnp.float32)))(volume[0].astype(jnp.bfloat16))
   assert d_half.dtype == jnp.bfloat16
