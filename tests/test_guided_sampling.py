@@ -303,8 +303,8 @@ def _field_setup():
 
   @jax.jit  # one compilation rather than an eager init
   def arrays():
-    params = field.init(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
-                        jnp.zeros((4, 3)))
+    params = jax.jit(field.init)(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
+                                 jnp.zeros((4, 3)))
     keys = jax.random.split(jax.random.key(2), 3)
     volume = flat_draw(jax.random.normal, keys[0], (2, 8, 8, 3, 5))
     origins = flat_draw(jax.random.uniform, keys[1], (2, 6, 3), minval=-3, maxval=3)
@@ -441,7 +441,7 @@ def test_model_render_passes_carving_to_the_sampler():
   dirs = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
   near = jnp.full((1, 2), 0.5)
   args = (volume, origins, dirs, near, None, grid)
-  params = model.init(jax.random.key(0), *args, method=model.render)
+  params = jax.jit(lambda k: model.init(k, *args, method=model.render))(jax.random.key(0))
   out = jax.jit(lambda p: model.apply(p, *args, method=model.render))(params)
   n, f, _ = box_near_far(origins, dirs, lo, hi, near)
   t, _ = guided_samples(grid, origins, dirs, n, f, config.render.num_samples,

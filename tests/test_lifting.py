@@ -171,7 +171,7 @@ def test_camera_lifting_paths_agree_with_and_without_remat(monkeypatch):
   results = {}
   for remat in (False, True):
     model = CameraLifting(_SHAPE, *_BOX, _HW, channels=3, remat=remat)
-    params = model.init(jax.random.PRNGKey(0), feats, intr_b, c2l_b)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), feats, intr_b, c2l_b)
     loss = lambda p, f: jnp.sum(jnp.tanh(model.apply(p, f, intr_b, c2l_b)))
     for limit in (2**30, 0):   # dense, then gathers
       monkeypatch.setattr(lifting, 'DENSE_LIFT_MAX_BYTES', limit)

@@ -130,7 +130,7 @@ def test_block_masking_hides_every_point_of_a_dropped_block(pfn, block):
   # In the canvas of the masked ids, dropped blocks are all zeros, while kept points still
   # fill their pillars.
   net = PillarFeatureNet(features=16, cells=CELLS, half_extent=E)
-  params = net.init(jax.random.key(0), pts, jnp.asarray(ids)[None])
+  params = jax.jit(net.init)(jax.random.key(0), pts, jnp.asarray(ids)[None])
   apply = jax.jit(net.apply)
   canvas = np.asarray(apply(params, pts, jnp.asarray(new_ids)[None]))[0]
   up = np.repeat(np.repeat(dropped, block, 0), block, 1)

@@ -26,8 +26,8 @@ def _train_on_sky(learned_background: bool, steps: int = 200) -> tuple[float, fl
   origins = jnp.zeros((1, 64, 3)).at[..., 2].set(1.0)
   near, far, _ = box_near_far(origins, dirs, *BOX, 0.1)
   volume = jnp.zeros((1, 4, 4, 2, 4))
-  params = {'field': field.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)),
-                                jnp.zeros((1, 3)))['params'],
+  params = {'field': jax.jit(field.init)(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1, 3)),
+                                         jnp.zeros((1, 3)))['params'],
             'background': jnp.zeros((3,))}
   top = jnp.asarray(np.concatenate([rng.uniform(-6, 6, (256, 2)), rng.uniform(1.5, 3, (256, 1))],
                                    -1), jnp.float32)

@@ -194,7 +194,7 @@ def test_field_encodes_the_view_direction_once_per_ray_with_the_dense_of_the_con
 
   @jax.jit  # one compilation: the init and both applications
   def init_and_apply(feats, points, dirs):
-    params = field.init(jax.random.key(0), feats, points, dirs)['params']
+    params = jax.jit(field.init)(jax.random.key(0), feats, points, dirs)['params']
     return (params, field.apply({'params': params}, feats, points, dirs),
             field.apply({'params': params}, feats, points, jnp.broadcast_to(dirs, (r, s, 3))))
 

@@ -30,7 +30,8 @@ def test_masks_the_exact_fraction_per_camera(ratio):
 def test_encoder_sees_only_visible_patches():
   enc = _encoder(0.5)
   images = np.random.default_rng(0).uniform(size=(B, K, H, W, 3)).astype(np.float32)
-  params = enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images, True)
+  params = jax.jit(lambda im: enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)},
+                                       im, True))(images)
   apply = jax.jit(lambda im: enc.apply(params, im, True, rngs={'mask': jax.random.key(7)}))
   feats, masked = apply(images)
   assert feats.shape == (B, K, H // P, W // P, 8)
@@ -50,7 +51,8 @@ def test_encoder_sees_only_visible_patches():
 def _flops(ratio, mask=True):
   enc = _encoder(ratio)
   images = jnp.zeros((B, K, H, W, 3))
-  params = enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)}, images, True)
+  params = jax.jit(lambda im: enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)},
+                                       im, True))(images)
   fn = jax.jit(lambda p, im: enc.apply(p, im, mask, rngs={'mask': jax.random.key(0)})[0])
   cost = fn.lower(params, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
