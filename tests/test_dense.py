@@ -86,9 +86,22 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
     per_example = jax.vmap(lambda x: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(xs)
     return jnp.mean(per_example)
 
-  ref_val, ref_grad = jax.jit(jax.value_and_grad(loss))(params)
+  # nested vmap (examples x cameras) and a vmap over parameters (two models) fall back correctly
+  def nested(p):
+    return jnp.sum(jax.vmap(jax.vmap(lambda x: m.apply({'params': p}, x)))(xs) ** 2)
+
+  two = jax.tree.map(lambda p: jnp.stack([p, 1.5 * p]), params)
+
+  def per_model(ps):
+    return jnp.sum(jax.vmap(lambda p: m.apply({'params': p}, xs[0]))(ps) ** 2)
+
+  def everything(p, ps):
+    return jax.value_and_grad(loss)(p), jax.grad(nested)(p), jax.grad(per_model)(ps)
+
+  # one compilation each; a new lambda each time, so that the second one is traced in the context
+  (ref_val, ref_grad), *refs = jax.jit(lambda p, ps: everything(p, ps))(params, two)
   with dense_lib.fold_example_axes():
-    val, grad = jax.jit(jax.value_and_grad(loss))(params)
+    (val, grad), *outs = jax.jit(lambda p, ps: everything(p, ps))(params, two)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
   # folded: no dot has a batch dimension (unfolded, the kernel gradients are batched per
   # example), and the column sums (bias, LayerNorm scale and shift) run over all 3 x 35 rows at
@@ -99,19 +112,6 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
   assert _batched_dots(str(jax.make_jaxpr(jax.grad(loss))(params)))
-
-  # nested vmap (examples x cameras) and a vmap over parameters (two models) fall back correctly
-  def nested(p):
-    return jnp.sum(jax.vmap(jax.vmap(lambda x: m.apply({'params': p}, x)))(xs) ** 2)
-
-  two = jax.tree.map(lambda p: jnp.stack([p, 1.5 * p]), params)
-
-  def per_model(ps):
-    return jnp.sum(jax.vmap(lambda p: m.apply({'params': p}, xs[0]))(ps) ** 2)
-
-  refs = [jax.jit(jax.grad(nested))(params), jax.jit(jax.grad(per_model))(two)]
-  with dense_lib.fold_example_axes():
-    outs = [jax.jit(jax.grad(nested))(params), jax.jit(jax.grad(per_model))(two)]
   for out, ref in zip(outs, refs):
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
