@@ -26,6 +26,14 @@ def tiny_config(tmp_dir: str = '', **overrides) -> Config:
   return Config().replace(**base)
 
 
+def normal(shape, seed: int = 0):
+  """Seeded N(0, 1) draws as a float32 jax array, from numpy: no compilation (an eager
+  jax.random draw of a new shape compiles for up to ~1 s on XLA:CPU)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def flat_draw(sample, key, shape, **kwargs):
   """`sample(key, shape, **kwargs)` for a jax.random sampler (normal, uniform), drawn flat and
   reshaped: the same values (the partitionable threefry counts in the flat index), but XLA:CPU

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helpers import assert_matches_flax_module, flat_draw
+from helpers import assert_matches_flax_module, normal
 from nsmae_jax.models import dense as dense_lib
 from nsmae_jax.models.conv import Conv, conv_general_dilated
 
@@ -16,7 +16,7 @@ from nsmae_jax.models.conv import Conv, conv_general_dilated
 def test_conv_matches_flax_conv():
   """Parameters bit-equal to nn.Conv's (strided SAME with bias; VALID without), outputs and
   gradients as nn.Conv's, auto-names Conv_0, Conv_1."""
-  x = flat_draw(jax.random.normal, jax.random.key(0), (2, 9, 8, 5))
+  x = normal((2, 9, 8, 5), 0)
   for kw in (dict(features=4, kernel_size=(3, 3), strides=2),
              dict(features=3, kernel_size=(2, 2), strides=2, padding='VALID', use_bias=False)):
     ours, ref = Conv(**kw), nn.Conv(**kw)
@@ -25,7 +25,7 @@ def test_conv_matches_flax_conv():
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_array_equal(a, b)
-  g = flat_draw(jax.random.normal, jax.random.key(2), (2, 5, 4, 4))
+  g = normal((2, 5, 4, 4), 2)
   params = jax.jit(Conv(4, (3, 3), strides=2).init)(jax.random.key(1), x)
   assert_matches_flax_module(Conv(4, (3, 3), strides=2), nn.Conv(4, (3, 3), strides=2), params,
                              x, g, ['kernel', 'bias'])
@@ -48,7 +48,7 @@ def test_unrolled_under_fold_example_axes_gives_the_same_values_and_gradients():
       return Conv(3, (3, 3))(nn.relu(Conv(4, (3, 3), strides=2)(x)))
 
   m = Net()
-  xs = flat_draw(jax.random.normal, jax.random.key(0), (3, 2, 8, 8, 5))  # 3 examples [2, 8, 8, 5]
+  xs = normal((3, 2, 8, 8, 5), 0)  # 3 examples [2, 8, 8, 5]
   params = jax.jit(m.init)(jax.random.key(1), xs[0])['params']
 
   def loss(p):
@@ -81,8 +81,8 @@ def test_unrolled_under_fold_example_axes_gives_the_same_values_and_gradients():
 
 
 def test_conv_general_dilated_is_lax_outside_the_context():
-  x = flat_draw(jax.random.normal, jax.random.key(0), (1, 6, 6, 2))
-  k = flat_draw(jax.random.normal, jax.random.key(1), (3, 3, 2, 4))
+  x = normal((1, 6, 6, 2), 0)
+  k = normal((3, 3, 2, 4), 1)
   args = ((2, 2), [(0, 1), (0, 1)])
   kw = dict(dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_array_equal(conv_general_dilated(x, k, *args, **kw),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_flax_module, flat_draw
+from helpers import assert_matches_flax_module, normal
 from nsmae_jax.models.dense import Dense
 
 
@@ -20,14 +20,14 @@ from nsmae_jax.models.dense import Dense
                                             ((2, 2**17, 3), 2)])
 def test_dense_matches_flax_in_init_values_and_gradients(shape, features):
   ours, ref = Dense(features), nn.Dense(features)
-  x = flat_draw(jax.random.normal, jax.random.key(0), shape) * 2.0 + 0.5
-  g = flat_draw(jax.random.normal, jax.random.key(1), shape[:-1] + (features,))
-  params = jax.jit(ref.init)(jax.random.key(2), x)
-  ours_init = jax.jit(ours.init)(jax.random.key(2), x)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape) * 2.0 + 0.5, jnp.float32)
+  g = jnp.asarray(rng.normal(size=shape[:-1] + (features,)), jnp.float32)
+  params, ours_init = jax.jit(lambda k, x: (ref.init(k, x), ours.init(k, x)))(
+      jax.random.key(2), x)
   for k in ('kernel', 'bias'):
     np.testing.assert_array_equal(ours_init['params'][k], params['params'][k])
-  params = jax.tree.map(
-      lambda p: p + 0.3 * flat_draw(jax.random.normal, jax.random.key(3), p.shape), params)
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
   dp = assert_matches_flax_module(ours, ref, params, x, g, ('kernel', 'bias'))
   for k in ('kernel', 'bias'):
     assert float(jnp.max(jnp.abs(dp['params'][k]))) > 0
@@ -51,7 +51,7 @@ def test_dense_keeps_auto_names_dtypes_and_vmaps():
 
   m = Dense(2)
   p = jax.jit(m.init)(jax.random.key(1), jnp.ones((1, 3)))
-  xs = flat_draw(jax.random.normal, jax.random.key(2), (4, 6, 3))
+  xs = normal((4, 6, 3), 2)
   loss = lambda p, x: jnp.sum(m.apply(p, x) ** 2)
   per_ex, one = jax.jit(lambda p, xs: (jax.vmap(jax.grad(loss), in_axes=(None, 0))(p, xs),
                                        jax.grad(loss)(p, xs[1])))(p, xs)
@@ -77,10 +77,10 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
       return Dense(3)(nn.relu(LayerNorm()(Dense(8)(x))))
 
   m = Net()
-  xs = flat_draw(jax.random.normal, jax.random.key(0), (3, 5, 7, 4))  # 3 examples [5, 7, 4]
+  xs = normal((3, 5, 7, 4), 0)  # 3 examples [5, 7, 4]
   params = jax.jit(m.init)(jax.random.key(1), xs[0])['params']
   params = jax.tree.map(
-      lambda p: p + 0.2 * flat_draw(jax.random.normal, jax.random.key(2), p.shape), params)
+      lambda p: p + 0.2 * normal(p.shape, 2), params)
 
   def loss(p):
     per_example = jax.vmap(lambda x: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(xs)

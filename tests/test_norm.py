@@ -9,28 +9,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_flax_module, flat_draw
+from helpers import assert_matches_flax_module, normal
 from nsmae_jax.models.norm import LayerNorm, normalize
 
 
 @pytest.mark.parametrize('shape', [(2, 300, 24), (5, 7)])
 def test_layer_norm_matches_flax_in_values_and_gradients(shape):
   ours, ref = LayerNorm(), nn.LayerNorm()
-  x = flat_draw(jax.random.normal, jax.random.key(0), shape) * 3.0 + 1.5
-  g = flat_draw(jax.random.normal, jax.random.key(1), shape)
+  x = normal(shape, 0) * 3.0 + 1.5
+  g = normal(shape, 1)
   params = jax.jit(ref.init)(jax.random.key(2), x)
   assert jax.tree.map(jnp.shape, jax.jit(ours.init)(jax.random.key(2), x)) == \
       jax.tree.map(jnp.shape, params)
   # Non-trivial scale and bias, the same for both (our module reads flax's tree as it is).
   params = jax.tree.map(
-      lambda p: p + 0.3 * flat_draw(jax.random.normal, jax.random.key(3), p.shape), params)
+      lambda p: p + 0.3 * normal(p.shape, 3), params)
   assert_matches_flax_module(ours, ref, params, x, g, ('scale', 'bias'))
 
 
 def test_layer_norm_under_vmap_and_bf16():
   """Per-example vmap with shared params (the train step's form) sums the param cotangents over
   examples; bf16 compute keeps float32 params and returns bf16."""
-  x = flat_draw(jax.random.normal, jax.random.key(0), (3, 40, 16))
+  x = normal((3, 40, 16), 0)
   ours, ref = LayerNorm(dtype=jnp.bfloat16), nn.LayerNorm(dtype=jnp.bfloat16)
   params = jax.jit(ref.init)(jax.random.key(1), x[0])
 
@@ -49,9 +49,9 @@ def test_layer_norm_under_vmap_and_bf16():
 def test_normalize_of_constant_rows_and_bf16_input_matches_flax():
   """Rows whose variance is 0 (flax clips E[x^2] - E[x]^2 at 0) and a bf16 input with float32
   statistics: values and input gradients as flax's normalisation."""
-  x = flat_draw(jax.random.normal, jax.random.key(0), (4, 33)) * 2.0 + 0.7
+  x = normal((4, 33), 0) * 2.0 + 0.7
   x = x.at[1].set(1.5).at[3].set(-0.25)
-  g = flat_draw(jax.random.normal, jax.random.key(1), x.shape)
+  g = normal(x.shape, 1)
   for dtype in (jnp.float32, jnp.bfloat16):
     xd = x.astype(dtype)
     ours_fn = lambda v, d=dtype: normalize(v, 1e-6, d)
