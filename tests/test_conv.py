@@ -14,8 +14,8 @@ from nsmae_jax.models.conv import Conv, conv_general_dilated
 
 
 def test_conv_matches_flax_conv():
-  """Parameters bit-equal to nn.Conv's (strided SAME with bias; VALID without), outputs and
-  gradients as nn.Conv's, auto-names Conv_0, Conv_1."""
+  """Parameters bit-equal to nn.Conv's (strided SAME with bias; VALID without); outputs and
+  gradients of the strided one as nn.Conv's; auto-names Conv_0, Conv_1."""
   x = normal((2, 9, 8, 5), 0)
   for kw in (dict(features=4, kernel_size=(3, 3), strides=2),
              dict(features=3, kernel_size=(2, 2), strides=2, padding='VALID', use_bias=False)):
