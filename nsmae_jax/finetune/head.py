@@ -43,7 +43,7 @@ class BEVSegHead(nn.Module):
       x = nn.relu(LayerNorm(dtype=self.dtype, name=f'norm{k}')(x))
     # Bias towards "absent" (prior 0.1, as detection heads do) so early focal losses are small.
     logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier',
-                     bias_init=nn.initializers.constant(-2.2))(x)
+                  bias_init=nn.initializers.constant(-2.2))(x)
     return logits.astype(jnp.float32)
 
 

@@ -83,7 +83,7 @@ class ViTEncoder(nn.Module):
     gh, gw = h // self.patch, w // self.patch
     t = gh * gw
     x = Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID',
-                dtype=self.dtype, name='patch_embed')(
+             dtype=self.dtype, name='patch_embed')(
                     (images.reshape(b * k, h, w, 3) - 0.5).astype(self.dtype))
     x = x.reshape(b, k, t, self.width)
     pos = self.param('pos_embed', nn.initializers.normal(0.02), (t, self.width))

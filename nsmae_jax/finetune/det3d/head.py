@@ -62,7 +62,7 @@ class CenterHead(nn.Module):
 
     shared = block(x, 'shared')
     heat = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='heatmap',
-                   bias_init=nn.initializers.constant(HEATMAP_PRIOR_BIAS))(block(shared, 'heat'))
+                bias_init=nn.initializers.constant(HEATMAP_PRIOR_BIAS))(block(shared, 'heat'))
     regs = []
     for name, (lo, hi) in REGRESSION.items():
       regs.append(Conv(hi - lo, (1, 1), dtype=self.dtype, name=name)(block(shared, name)))
