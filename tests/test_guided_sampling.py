@@ -303,8 +303,8 @@ def _field_setup():
 
   @jax.jit  # one compilation rather than an eager init
   def arrays():
-    params = jax.jit(field.init)(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
-                                 jnp.zeros((4, 3)))
+    params = field.init(jax.random.key(1), jnp.zeros((4, 5)), jnp.zeros((4, 3)),
+                        jnp.zeros((4, 3)))
     keys = jax.random.split(jax.random.key(2), 3)
     volume = flat_draw(jax.random.normal, keys[0], (2, 8, 8, 3, 5))
     origins = flat_draw(jax.random.uniform, keys[1], (2, 6, 3), minval=-3, maxval=3)

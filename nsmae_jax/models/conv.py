@@ -33,30 +33,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nsmae_jax.models.dense import folding_examples
+from nsmae_jax.models.dense import example_vmap_rule, folding_examples
 
 
 def unroll_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
   """fn(x, *params) -> y, x with its own leading batch axis -> the same function, which inside
-  `fold_example_axes` on the CPU backend runs a vmapped axis of x one example at a time
-  (custom_vmap: a Python loop over the axis, stacked). Parameters that are themselves vmapped
-  take fn's plain vmap."""
-  @jax.custom_batching.custom_vmap
-  def unrolled(x, *params):
-    return fn(x, *params)
-
-  @unrolled.def_vmap
-  def _rule(axis_size, in_batched, x, *params):  # vmapped axes arrive at the front
-    if any(in_batched[1:]) or not in_batched[0]:
-      axes = tuple(0 if b else None for b in in_batched)
-      return jax.vmap(fn, in_axes=axes)(x, *params), True
-    return jnp.stack([fn(x[i], *params) for i in range(axis_size)]), True
-
-  @functools.wraps(fn)
-  def call(x, *params):
-    on = folding_examples() and jax.default_backend() == 'cpu'
-    return (unrolled if on else fn)(x, *params)
-  return call
+  `fold_example_axes` on the CPU backend runs a vmapped axis of x one example at a time (a
+  Python loop over the axis, stacked; dense.example_vmap_rule)."""
+  return example_vmap_rule(
+      fn, lambda axis_size, x, *params: jnp.stack([fn(x[i], *params) for i in range(axis_size)]),
+      enabled=lambda: folding_examples() and jax.default_backend() == 'cpu')
 
 
 def _static(value):

@@ -57,7 +57,7 @@ def fold_example_axes() -> Iterator[None]:
   LayerNorm's scale_shift) fold vmapped axes of their input into its rows (see the module
   docstring). For code whose Dense layers run under jax.vmap inside jax.grad, as
   steps._per_example; differentiating a Dense that is not under a vmap fails inside it."""
-  previous = getattr(_FOLDING, 'on', False)
+  previous = folding_examples()
   _FOLDING.on = True
   try:
     yield
@@ -101,27 +101,36 @@ def _dense_bwd(res, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def fold_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
-  """fn(x, *params) -> y, with x [..., C] whose leading axes are independent rows (a Dense, a
-  LayerNorm's scale and shift) -> the same function, which inside `fold_example_axes` folds a
-  vmapped axis of x into those rows (custom_vmap) and calls fn once, unbatched. Parameters
-  that are themselves vmapped (a vmap over models) take fn's plain per-example vmap."""
+def example_vmap_rule(fn: Callable[..., jnp.ndarray],
+                      examples: Callable[..., jnp.ndarray],
+                      enabled: Callable[[], bool] = folding_examples
+                      ) -> Callable[..., jnp.ndarray]:
+  """fn(x, *params) -> the same function, whose vmap over x (one vmapped axis at the front of
+  x, parameters not vmapped) is examples(axis_size, x, *params) while enabled() is true at
+  trace time (a custom_vmap rule). Parameters that are themselves vmapped (a vmap over
+  models) take fn's plain vmap; outside enabled() it is fn."""
   @jax.custom_batching.custom_vmap
-  def folded(x, *params):
+  def ruled(x, *params):
     return fn(x, *params)
 
-  @folded.def_vmap
+  @ruled.def_vmap
   def _rule(axis_size, in_batched, x, *params):  # vmapped axes arrive at the front
-    del axis_size
-    if any(in_batched[1:]):
+    if any(in_batched[1:]) or not in_batched[0]:
       axes = tuple(0 if b else None for b in in_batched)
       return jax.vmap(fn, in_axes=axes)(x, *params), True
-    return fn(x, *params), in_batched[0]
+    return examples(axis_size, x, *params), True
 
   @functools.wraps(fn)
   def call(x, *params):
-    return (folded if folding_examples() else fn)(x, *params)
+    return (ruled if enabled() else fn)(x, *params)
   return call
+
+
+def fold_examples(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
+  """fn(x, *params) -> y, with x [..., C] whose leading axes are independent rows (a Dense, a
+  LayerNorm's scale and shift) -> the same function, which inside `fold_example_axes` folds a
+  vmapped axis of x into those rows and calls fn once, unbatched (example_vmap_rule)."""
+  return example_vmap_rule(fn, lambda axis_size, x, *params: fn(x, *params))
 
 
 dense = fold_examples(_dense)
