@@ -15,8 +15,10 @@ not converted yet), peak_rss_gb, param_counts (every named model size);
 parts ({part: seconds, gflops, gflops_per_second, share of the step}: each part of PARTS jitted
 alone, forward + backward on the inputs the model produces up to it) with parts_sum_seconds and
 parts_remainder_seconds (step - sum: what XLA gains or loses by fusing across the seams);
-scaling (seconds at three ray counts, point counts and per-device batch sizes) and
-scaling_per_unit (the same per ray / point / example: constant = linear);
+scaling (seconds at three ray counts, point counts and per-device batch sizes; the rays twice:
+renderer_seconds_by_rays forward only, renderer_train_seconds_by_rays forward + backward into
+the field and the volume, as in training) and scaling_per_unit (the same per ray / point /
+example: constant = linear);
 renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours at this config's
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
 with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
@@ -289,8 +291,10 @@ def bench_parts(config, step_seconds: float, repeats: int = 5) -> dict:
   return out
 
 
-def bench_renderer(config, ray_counts) -> dict:
-  """Forward rendering of R perspective-like rays through a fixed fused volume."""
+def bench_renderer(config, ray_counts, backward: bool = False) -> dict:
+  """Rendering of R perspective-like rays through a fixed fused volume: forward only (the
+  colour), or with backward the gradient of a colour + depth loss with respect to the field's
+  parameters and the volume (the renderer as the train step runs it)."""
   import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
   import numpy as np  # pylint: disable=import-outside-toplevel
   from nsmae_jax import models, pretrain  # pylint: disable=import-outside-toplevel
@@ -311,8 +315,16 @@ def bench_renderer(config, ray_counts) -> dict:
       field_params = jax.jit(lambda: model.init(
           jax.random.key(0), volume, origins, dirs, near, jax.random.key(1),
           method=model.render))()['params']
-    fn = jax.jit(lambda p, v, o, d, k, n=near: model.apply({'params': p}, v, o, d, n, k,
-                                                           method=model.render)['color'])
+
+    def render(p, v, o, d, k, n=near):
+      return model.apply({'params': p}, v, o, d, n, k, method=model.render)
+
+    if backward:
+      fn = jax.jit(jax.grad(
+          lambda p, v, o, d, k: (lambda x: jnp.sum(x['color'] ** 2) + jnp.sum(x['depth']))(
+              render(p, v, o, d, k)), argnums=(0, 1)))
+    else:
+      fn = jax.jit(lambda p, v, o, d, k: render(p, v, o, d, k)['color'])
     out[r] = _timed(fn, field_params, volume, origins, dirs, jax.random.key(1))
   return out
 
@@ -402,11 +414,14 @@ def _scaling(config, steps: int, with_sizes: bool, step_seconds: float | None = 
     return head, {}, {}
   p0, b0 = config.data.max_points, config.train.per_device_batch_size
   scaling = {'renderer_seconds_by_rays': rtimes,
+             'renderer_train_seconds_by_rays': bench_renderer(config, ray_counts,
+                                                              backward=True),
              'lidar_seconds_by_points': bench_lidar(config, [p0 // 4, p0 // 2, p0]),
              'train_step_seconds_by_batch': bench_batch_scaling(
                  config, [b0, 2 * b0, 4 * b0], steps,
                  known={b0: step_seconds} if step_seconds else None)}
   units = {'renderer_seconds_by_rays': 'renderer_seconds_per_ray',
+           'renderer_train_seconds_by_rays': 'renderer_train_seconds_per_ray',
            'lidar_seconds_by_points': 'lidar_seconds_per_point',
            'train_step_seconds_by_batch': 'train_step_seconds_per_example'}
   per_unit = {units[k]: {n: s / n for n, s in v.items()} for k, v in scaling.items()}

@@ -20,6 +20,7 @@ HEADLINE = ('train_step_seconds', 'model_gflops_per_step', 'achieved_gflops',
             'memory_bandwidth_gbps', 'train_samples_per_second', 'peak_rss_gb',
             'init_seconds', 'compile_seconds', 'param_count', 'loss')
 SERIES = {'renderer_seconds_by_rays': 'renderer_seconds_per_ray',
+          'renderer_train_seconds_by_rays': 'renderer_train_seconds_per_ray',
           'lidar_seconds_by_points': 'lidar_seconds_per_point',
           'train_step_seconds_by_batch': 'train_step_seconds_per_example'}
 
