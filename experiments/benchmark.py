@@ -319,10 +319,12 @@ def bench_renderer(config, ray_counts, backward: bool = False) -> dict:
     def render(p, v, o, d, k, n=near):
       return model.apply({'params': p}, v, o, d, n, k, method=model.render)
 
+    def loss(p, v, o, d, k):  # colour and depth, as the pre-training loss uses both
+      x = render(p, v, o, d, k)
+      return jnp.sum(x['color'] ** 2) + jnp.sum(x['depth'])
+
     if backward:
-      fn = jax.jit(jax.grad(
-          lambda p, v, o, d, k: (lambda x: jnp.sum(x['color'] ** 2) + jnp.sum(x['depth']))(
-              render(p, v, o, d, k)), argnums=(0, 1)))
+      fn = jax.jit(jax.grad(loss, argnums=(0, 1)))  # the field's params and the volume
     else:
       fn = jax.jit(lambda p, v, o, d, k: render(p, v, o, d, k)['color'])
     out[r] = _timed(fn, field_params, volume, origins, dirs, jax.random.key(1))
