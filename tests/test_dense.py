@@ -79,8 +79,7 @@ def test_fold_example_axes_gives_the_same_values_and_gradients_under_grad_of_vma
   m = Net()
   xs = normal((3, 5, 7, 4), 0)  # 3 examples [5, 7, 4]
   params = jax.jit(m.init)(jax.random.key(1), xs[0])['params']
-  params = jax.tree.map(
-      lambda p: p + 0.2 * normal(p.shape, 2), params)
+  params = jax.tree.map(lambda p: p + 0.2 * normal(p.shape, 2), params)
 
   def loss(p):
     per_example = jax.vmap(lambda x: jnp.sum(jnp.sin(m.apply({'params': p}, x))))(xs)

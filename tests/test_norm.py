@@ -22,8 +22,7 @@ def test_layer_norm_matches_flax_in_values_and_gradients(shape):
   assert jax.tree.map(jnp.shape, jax.jit(ours.init)(jax.random.key(2), x)) == \
       jax.tree.map(jnp.shape, params)
   # Non-trivial scale and bias, the same for both (our module reads flax's tree as it is).
-  params = jax.tree.map(
-      lambda p: p + 0.3 * normal(p.shape, 3), params)
+  params = jax.tree.map(lambda p: p + 0.3 * normal(p.shape, 3), params)
   assert_matches_flax_module(ours, ref, params, x, g, ('scale', 'bias'))
 
 

@@ -15,6 +15,12 @@ def _encoder(ratio):
                     mask_ratio=ratio)
 
 
+def _init(enc, images):
+  """enc's parameters for images, jitted (an eager flax init compiles every initializer)."""
+  return jax.jit(lambda im: enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)},
+                                     im, True))(images)
+
+
 @pytest.mark.parametrize('ratio', [0.25, 0.5, 0.75])
 def test_masks_the_exact_fraction_per_camera(ratio):
   keep, masked = random_keep(jax.random.key(0), (3, 6), 44, num_visible(44, ratio))
@@ -30,8 +36,7 @@ def test_masks_the_exact_fraction_per_camera(ratio):
 def test_encoder_sees_only_visible_patches():
   enc = _encoder(0.5)
   images = np.random.default_rng(0).uniform(size=(B, K, H, W, 3)).astype(np.float32)
-  params = jax.jit(lambda im: enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)},
-                                       im, True))(images)
+  params = _init(enc, images)
   apply = jax.jit(lambda im: enc.apply(params, im, True, rngs={'mask': jax.random.key(7)}))
   feats, masked = apply(images)
   assert feats.shape == (B, K, H // P, W // P, 8)
@@ -51,8 +56,7 @@ def test_encoder_sees_only_visible_patches():
 def _flops(ratio, mask=True):
   enc = _encoder(ratio)
   images = jnp.zeros((B, K, H, W, 3))
-  params = jax.jit(lambda im: enc.init({'params': jax.random.key(0), 'mask': jax.random.key(1)},
-                                       im, True))(images)
+  params = _init(enc, images)
   fn = jax.jit(lambda p, im: enc.apply(p, im, mask, rngs={'mask': jax.random.key(0)})[0])
   cost = fn.lower(params, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
