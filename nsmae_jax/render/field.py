@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nsmae_jax.models.dense import Dense, dense
+from nsmae_jax.models.dense import Dense, DenseParts, dense
 
 
 def positional_encoding(x: jnp.ndarray, num_freqs: int) -> jnp.ndarray:
@@ -87,9 +87,15 @@ class RadianceField(nn.Module):
     [..., 3] in (0, 1)."""
     lo, hi = jnp.asarray(self.box_min), jnp.asarray(self.box_max)
     p = 2.0 * (points - lo) / (hi - lo) - 1.0
-    x = jnp.concatenate([features.astype(self.dtype),
-                         positional_encoding(p, self.pos_freqs).astype(self.dtype)], axis=-1)
-    for i in range(self.depth):
+    parts = (features.astype(self.dtype),
+             positional_encoding(p, self.pos_freqs).astype(self.dtype))
+    if self.depth:
+      # nn.Dense of the concatenation (same parameters), whose backward computes the
+      # encoding's input gradient only where something asks for it (models.dense.dense_parts).
+      x = nn.relu(DenseParts(self.width, dtype=self.dtype, name='trunk_0')(*parts))
+    else:
+      x = jnp.concatenate(parts, axis=-1)
+    for i in range(1, self.depth):
       x = nn.relu(Dense(self.width, dtype=self.dtype, name=f'trunk_{i}')(x))
     # Shifted softplus: starts semi-transparent (~0.3 / m) so early gradients reach every sample.
     density = nn.softplus(Dense(1, dtype=self.dtype, name='density')(x)[..., 0]
