@@ -278,13 +278,14 @@ def _trilinear_by_autodiff(volume, points, box_min, box_max):
   return out
 
 
-def test_trilinear_gradients_match_autodiff_of_the_gathers():
-  """Values, volume gradient (one scatter of all corners) and point gradient (through the
+@pytest.mark.parametrize('shape', [(8, 6, 3), (8, 1, 3), (2, 5, 1)])
+def test_trilinear_gradients_match_autodiff_of_the_gathers(shape):
+  """Values, volume gradient (one scatter of all blocks) and point gradient (through the
   weights; points outside the box are clamped, so theirs is 0 on the clamped axes) against
-  autodiff of the plain 8-gather lookup; under vmap over a batch of volumes as the renderer
-  calls it; a bf16 volume keeps its dtype."""
+  autodiff of the plain 8-gather lookup, size-1 axes included; under vmap over a batch of
+  volumes as the renderer calls it; a bf16 volume keeps its dtype."""
   rng = np.random.default_rng(0)
-  volume = jnp.asarray(rng.normal(size=(2, 8, 6, 3, 5)), jnp.float32)
+  volume = jnp.asarray(rng.normal(size=(2, *shape, 5)), jnp.float32)
   points = rng.uniform(-31, 31, (2, 200, 3)) * np.array([1, 1, 0.09])
   points[:, :10] *= 2.0                                   # some outside the box in x and y
   points = jnp.asarray(points, jnp.float32)

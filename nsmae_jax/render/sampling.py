@@ -45,65 +45,82 @@ def trilinear_interpolate(volume: jnp.ndarray, points: jnp.ndarray, box_min,
   Returns:
     [N, C] interpolated features. Differentiable in the volume and the points.
   """
-  idx, w = _corners(volume.shape[:3], points, box_min, box_max)
-  return _blend(volume, idx, w)
+  # A size-1 axis is repeated once so that every point's 2 x 2 x 2 block fits; its second
+  # layer gets weight 0 (f = 0 on that axis), and the repeat's gradient adds nothing.
+  starts, w = _block_corners(volume.shape[:3], points, box_min, box_max)
+  reps = [(0, 1 if n == 1 else 0) for n in volume.shape[:3]] + [(0, 0)]
+  if any(r for _, r in reps):
+    volume = jnp.pad(volume, reps, mode='edge')
+  return _blend(volume, starts, w)
 
 
-def _corners(shape, points: jnp.ndarray, box_min, box_max) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The 8 corner cells of each point, as flat indices into [X Y Z] ([N, 8] int32), and their
-  trilinear weights ([N, 8], points' dtype; differentiable in the points)."""
+def _block_corners(shape, points: jnp.ndarray, box_min, box_max
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Each point's lower corner cell (i0, [N, 3] int32; its 2 x 2 x 2 block of cells starts
+  there) and the block's trilinear weights ([N, 8], x-major, points' dtype; differentiable in
+  the points). On a size-1 axis i0 = 0 and the block's second layer has weight 0."""
   size = jnp.array(shape)
   lo, hi = jnp.asarray(box_min, points.dtype), jnp.asarray(box_max, points.dtype)
   g = (points - lo) / (hi - lo) * size - 0.5                  # [N, 3] index coordinates
   g = jnp.clip(g, 0.0, size - 1.0)
-  # i0 <= size - 2 so that f reaches 1 at the last centre (size-1 axes: i0 = i1 = 0).
+  # i0 <= size - 2 so that f reaches 1 at the last centre and the block stays inside.
   i0 = jnp.clip(jnp.floor(g).astype(jnp.int32), 0, jnp.maximum(size - 2, 0))
-  i1 = jnp.minimum(i0 + 1, size - 1)
   f = g - i0                                                   # [N, 3] in [0, 1]
-  sy, sz = shape[1] * shape[2], shape[2]
-  idx, weights = [], []
-  for cx in (0, 1):
-    ix, wx = (i1[:, 0], f[:, 0]) if cx else (i0[:, 0], 1 - f[:, 0])
-    for cy in (0, 1):
-      iy, wy = (i1[:, 1], f[:, 1]) if cy else (i0[:, 1], 1 - f[:, 1])
-      for cz in (0, 1):
-        iz, wz = (i1[:, 2], f[:, 2]) if cz else (i0[:, 2], 1 - f[:, 2])
-        idx.append(ix * sy + iy * sz + iz)
-        weights.append(wx * wy * wz)
+  wx, wy, wz = (jnp.stack([1 - f[:, a], f[:, a]], -1) for a in range(3))
+  w = (wx[:, :, None, None] * wy[:, None, :, None] * wz[:, None, None, :]).reshape(-1, 8)
   # Materialised once: XLA would otherwise fuse (recompute) the index and weight arithmetic into
-  # every element of the gathers and of the backward pass's updates (~8 of ~35 ms of thread
-  # time in a 49k-sample lookup + encoding, forward + backward, on 2 CPU cores).
-  return jax.lax.optimization_barrier((jnp.stack(idx, -1), jnp.stack(weights, -1)))
+  # every element of the gather and of the backward pass's updates.
+  return jax.lax.optimization_barrier((i0, w))
+
+
+# One gather (scatter) window per point: its 2 x 2 x 2 block of cells, all channels.
+_BLOCK = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3, 4), collapsed_slice_dims=(),
+                                        start_index_map=(0, 1, 2))
+_BLOCK_UPDATE = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3, 4),
+                                                inserted_window_dims=(),
+                                                scatter_dims_to_operand_dims=(0, 1, 2))
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+
+def _blocks(volume: jnp.ndarray, starts: jnp.ndarray) -> jnp.ndarray:
+  """volume [X, Y, Z, C], starts [N, 3] (each <= size - 2) -> the blocks [N, 8, C]."""
+  c = volume.shape[-1]
+  return jax.lax.gather(volume, starts, _BLOCK, (2, 2, 2, c), mode=_IN_BOUNDS).reshape(-1, 8, c)
 
 
 @jax.custom_vjp
-def _blend(volume: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """sum_k w[:, k] volume[idx[:, k]]: volume [X, Y, Z, C], idx, w [N, 8] -> [N, C]."""
-  flat = volume.reshape(-1, volume.shape[-1])
+def _blend(volume: jnp.ndarray, starts: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """sum_k w[:, k] block[:, k]: volume [X, Y, Z, C], starts [N, 3], w [N, 8] -> [N, C].
+
+  One windowed gather of each point's 2 x 2 x 2 block (all channels) rather than 8 row
+  gathers of 8 computed indices; the backward pass is one windowed scatter-add. Renderer of
+  the demo config (torch twin's sizes), forward + backward, in-process A/B, 40 rounds, 2 cores
+  of an AMD EPYC (AVX2): 112.9 -> 99.9 ms."""
+  blocks = _blocks(volume, starts)
   wv = w.astype(volume.dtype)
   out = 0.0
-  for k in range(idx.shape[-1]):
-    out = out + wv[:, k:k + 1] * flat[idx[:, k]]
+  for k in range(8):
+    out = out + wv[:, k:k + 1] * blocks[:, k]
   return out
 
 
-def _blend_fwd(volume, idx, w):
-  return _blend(volume, idx, w), (volume, idx, w)
+def _blend_fwd(volume, starts, w):
+  return _blend(volume, starts, w), (volume, starts, w)
 
 
 def _blend_bwd(res, g):
-  """One scatter-add of all 8 corners' contributions into the volume (autodiff of the gathers
-  gives 8 scatters, each with its own index and update arithmetic); the weights' cotangent
-  (towards the points) is the corner features dotted with g, which XLA drops when nothing
-  asks for gradients w.r.t. the points (the renderer's sample positions)."""
-  volume, idx, w = res
+  """One scatter-add of every block's contributions into the volume; the weights' cotangent
+  (towards the points) is the block's features dotted with g, which XLA drops when nothing asks
+  for gradients w.r.t. the points (the renderer's sample positions)."""
+  volume, starts, w = res
   c = volume.shape[-1]
-  flat = volume.reshape(-1, c)
   gv = g.astype(volume.dtype)
-  updates = (w.astype(volume.dtype)[:, :, None] * gv[:, None, :]).reshape(-1, c)
-  d_flat = jnp.zeros_like(flat).at[idx.reshape(-1)].add(updates)
-  d_w = jnp.stack([jnp.sum(gv * flat[idx[:, k]], axis=-1) for k in range(idx.shape[-1])], -1)
-  return d_flat.reshape(volume.shape), None, d_w.astype(w.dtype)
+  updates = (w.astype(volume.dtype)[:, :, None] * gv[:, None, :]).reshape(-1, 2, 2, 2, c)
+  d_volume = jax.lax.scatter_add(jnp.zeros_like(volume), starts, updates, _BLOCK_UPDATE,
+                                 mode=_IN_BOUNDS)
+  blocks = _blocks(volume, starts)
+  d_w = jnp.stack([jnp.sum(gv * blocks[:, k], axis=-1) for k in range(8)], -1)
+  return d_volume, None, d_w.astype(w.dtype)
 
 
 _blend.defvjp(_blend_fwd, _blend_bwd)
