@@ -16,7 +16,8 @@ density, colour branch on [trunk, PE(dir)] of width // 2 and a sigmoid), exclusi
 compositing with the remaining transmittance on far (depth) and on sigmoid(background logit)
 (colour). The trilinear lookup comes in two forms, both timed: `grid_sample` (torch's fused
 kernel; align_corners=False with padding_mode='border' is exactly our cell-centred clamp) and
-`gather` (our 8 corner gathers of the flattened volume, line for line). torch_seconds is the
+`gather` (8 corner gathers of the flattened volume, as our lookup was written until it became
+one gather of each point's 2 x 2 x 2 block). torch_seconds is the
 faster of the two (the best torch eager does on this math). tests/test_torch_twin.py checks
 that both forms agree with ours (outputs and gradients, same inputs and weights).
 
@@ -271,8 +272,8 @@ def torch_box_near_far(origins, dirs, lo, hi, near):
 
 
 def torch_trilinear_gather(volume, points, lo, hi):
-  """volume [B, X, Y, Z, C], points [B, N, 3] -> [B, N, C]: our 8 corner gathers, line for
-  line (cell-centred, clamped to the border; i0 <= size - 2)."""
+  """volume [B, X, Y, Z, C], points [B, N, 3] -> [B, N, C]: 8 corner gathers of the flat
+  volume (cell-centred, clamped to the border; i0 <= size - 2), the same sums as our lookup."""
   torch = _torch()
   b, c = volume.shape[0], volume.shape[-1]
   shape = torch.tensor(volume.shape[1:4], dtype=points.dtype)
