@@ -150,11 +150,16 @@ def _steps_per_s(name: str) -> float:
 
 def _train(base, name: str, fit: bool = True) -> tuple[dict, dict]:
   """Pre-trains one setting (a finished workdir only restores); -> (held-out metrics, the
-  final params)."""
+  final params). With fit, a restored run has no final eval (a run that died in it, as the
+  study's LLVM 'Cannot allocate memory' aborts do after many compiles in one process): its
+  held-out metrics are then re-scored with its own sampler (_rescore: the loop's eval, same
+  rng)."""
   config = base.replace(**_setting(name), workdir=_workdir(name))
   start = time.time()
   state, metrics = train.train_and_evaluate(config, config.train.workdir, pretrain_task(config))
   out = {k: metrics[f'eval_{k}'] for k in METRICS if f'eval_{k}' in metrics}
+  if fit and not out:
+    out = _rescore(base, state.params, name)
   out['wall_s'] = round(time.time() - start, 1)   # compile + train + held-out eval
   if fit:
     out.update(_fit(base, state.params, name))

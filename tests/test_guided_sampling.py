@@ -4,6 +4,7 @@ renders, free-space carving (--free_space_carving: the three-state grid and its 
 config's defaults for older runs, and the whole model."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -528,3 +529,32 @@ def test_learned_field_quadrature_scores_a_model_against_its_own_dense_render(
   ideal = score('ideal:8', 'stratified:256')
   assert np.isfinite(ideal['vs_converged']) and ideal['rays'] == same['rays']
   assert ideal['vs_converged'] != stratified['vs_converged']
+
+
+def test_study_rescores_a_restored_run_that_died_in_its_final_eval(monkeypatch):
+  """sampling_study._train: when train_and_evaluate restores a finished run without eval
+  metrics (it died in its final eval), the held-out metrics come from _rescore with the
+  setting's own sampler; a run with them is not re-scored. (Control flow only: the training
+  and the scoring are stubs here; the real path ran in session 15's study.)"""
+  from experiments import sampling_study  # pylint: disable=import-outside-toplevel
+  calls = []
+  evals = {'eval_depth_abs_rel': 0.2, 'eval_perspective_depth_loss': 1.5}
+  state = types.SimpleNamespace(params={'p': 1})
+  monkeypatch.setattr(sampling_study, '_workdir', lambda name: '/nonexistent/' + name)
+  monkeypatch.setattr(sampling_study, 'pretrain_task', lambda config: None)
+  monkeypatch.setattr(sampling_study.train, 'train_and_evaluate',
+                      lambda config, workdir, task: (state, dict(evals)))
+  monkeypatch.setattr(sampling_study, '_rescore', lambda base, params, name, split='val': (
+      calls.append((name, split)) or {'depth_abs_rel': 0.3, 'perspective_depth_loss': 1.7}))
+  monkeypatch.setattr(sampling_study, '_fit', lambda base, params, name: {'fit_x': 1.0})
+  config = tiny_config(**SMALL)
+  out, _ = sampling_study._train(config, 'lidar:8:2')
+  assert out['depth_abs_rel'] == 0.2 and out['fit_x'] == 1.0 and not calls
+  evals.clear()
+  out, _ = sampling_study._train(config, 'lidar:8:2')
+  assert calls == [('lidar:8:2', 'val')]
+  assert out['depth_abs_rel'] == 0.3 and out['perspective_depth_loss'] == 1.7
+  assert 'wall_s' in out and out['fit_x'] == 1.0
+  calls.clear()
+  sampling_study._train(config, 'lidar:8:2', fit=False)
+  assert not calls
