@@ -45,9 +45,9 @@ def trilinear_interpolate(volume: jnp.ndarray, points: jnp.ndarray, box_min,
   Returns:
     [N, C] interpolated features. Differentiable in the volume and the points.
   """
+  starts, w = _block_corners(volume.shape[:3], points, box_min, box_max)
   # A size-1 axis is repeated once so that every point's 2 x 2 x 2 block fits; its second
   # layer gets weight 0 (f = 0 on that axis), and the repeat's gradient adds nothing.
-  starts, w = _block_corners(volume.shape[:3], points, box_min, box_max)
   reps = [(0, 1 if n == 1 else 0) for n in volume.shape[:3]] + [(0, 0)]
   if any(r for _, r in reps):
     volume = jnp.pad(volume, reps, mode='edge')
