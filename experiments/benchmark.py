@@ -23,7 +23,11 @@ renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours a
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
 with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
 with each side timed in a process of its own, torch_twin.speedup_alone: the interleaved
-rounds slow ours down, a fresh process slows torch down); full_config_device_memory_gib
+rounds slow ours down, a fresh process slows torch down); renderer_speedup_vs_torch_full,
+renderer_speedup_vs_torch_full_alone and renderer_vs_torch_full (the same at
+experiments/configs/full.flags' renderer sizes, 3 rounds: the issue's second size, so that both
+ratios and the MFU come from one run; ~6 min on 2 cores; --bench_torch_full=false skips it);
+full_config_device_memory_gib
 (temp + argument + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
 process runs with glibc's huge-page malloc, experiments.launch: the step is 25-40% slower
@@ -60,6 +64,10 @@ _FULL_MEMORY = flags.DEFINE_bool('bench_full_memory', True, 'Report the compiled
 _TORCH = flags.DEFINE_bool('bench_torch', True, 'When torch is installed, time the PyTorch eager '
                            'twin of the renderer at this config\'s sizes '
                            '(experiments.torch_twin).')
+_TORCH_FULL = flags.DEFINE_bool('bench_torch_full', True, 'With --bench_torch and torch '
+                                'installed, also time the twin at experiments/configs/'
+                                'full.flags\' renderer sizes (1M samples, 3 rounds; ~6 min on '
+                                '2 CPU cores).')
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -480,20 +488,30 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
       return json.load(f)
 
 
-def torch_speedup(config) -> dict | None:
-  """experiments.torch_twin.speedup at `config`'s renderer sizes; None without torch."""
+def torch_speedup(config_or_sizes, repeats: int = 5) -> dict | None:
+  """experiments.torch_twin.speedup (interleaved rounds) and speedup_alone (each side in a
+  process of its own) at a config's renderer sizes or at torch_twin.Sizes; None without
+  torch."""
   from experiments import torch_twin  # pylint: disable=import-outside-toplevel
   if not torch_twin.torch_available():
     return None
-  twin = torch_twin.speedup(config)
-  twin.update(torch_twin.speedup_alone(torch_twin.sizes_from_config(config),
-                                       lookup=twin['torch_lookup']))
+  sizes = (config_or_sizes if isinstance(config_or_sizes, torch_twin.Sizes)
+           else torch_twin.sizes_from_config(config_or_sizes))
+  twin = torch_twin.speedup(sizes, repeats=repeats)
+  twin.update(torch_twin.speedup_alone(sizes, repeats=repeats, lookup=twin['torch_lookup']))
   return twin
+
+
+def full_sizes():
+  """torch_twin.Sizes of experiments/configs/full.flags' renderer (one device's step)."""
+  from experiments import torch_twin  # pylint: disable=import-outside-toplevel
+  return torch_twin.sizes_from_config(nsflags.config_from_flagfile(torch_twin.FULL_FLAGS),
+                                      'full')
 
 
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
                    pipeline_batches: int = 20, full_memory: bool = False,
-                   torch: bool = False) -> dict:
+                   torch: bool = False, torch_full: bool = False) -> dict:
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel
   results = {}
@@ -523,6 +541,11 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['renderer_speedup_vs_torch'] = twin and twin['renderer_speedup_vs_torch']
   results['renderer_speedup_vs_torch_alone'] = twin and twin['renderer_speedup_vs_torch_alone']
   results['renderer_vs_torch'] = twin
+  twin = torch_speedup(full_sizes(), repeats=3) if torch and torch_full else None
+  results['renderer_speedup_vs_torch_full'] = twin and twin['renderer_speedup_vs_torch']
+  results['renderer_speedup_vs_torch_full_alone'] = (
+      twin and twin['renderer_speedup_vs_torch_alone'])
+  results['renderer_vs_torch_full'] = twin
   memory = full_config_memory() if full_memory else None
   results['full_config_device_memory_gib'] = memory and memory['device_memory_gib']
   results['full_config_memory'] = memory
@@ -537,7 +560,8 @@ def main(argv):
   # (JAX_COMPILATION_CACHE_DIR, or --compilation_cache_dir which only ensure_data turns on).
   jax.config.update('jax_enable_compilation_cache', False)
   results = run_benchmarks(config, _STEPS.value, _PARTS.value, _SCALING.value,
-                           _PIPELINE_BATCHES.value, _FULL_MEMORY.value, _TORCH.value)
+                           _PIPELINE_BATCHES.value, _FULL_MEMORY.value, _TORCH.value,
+                           _TORCH_FULL.value)
   print_report(results)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:

@@ -82,6 +82,11 @@ def test_run_benchmarks_json(tmp_path):
                                                      + results['compile_xla_seconds'])
   assert isinstance(results['compile_cache_used'], bool)
   assert isinstance(results['hugepage_malloc'], bool)
+  # the torch twin (an optional extra) was not asked for: its keys are there, null
+  for key in ('renderer_speedup_vs_torch', 'renderer_speedup_vs_torch_alone',
+              'renderer_speedup_vs_torch_full', 'renderer_speedup_vs_torch_full_alone',
+              'renderer_vs_torch_full'):
+    assert key in results and results[key] is None, key
 
   parts = results['parts']
   assert list(parts) == [name for name, _ in benchmark.PARTS]
