@@ -6,9 +6,12 @@ r"""Speed of the NS-MAE pre-training step, its parts, the renderer and the input
 Prints tables and writes a JSON object: train_step_seconds (the training loop's step:
 steps.train_step with make_optimizer's clip + AdamW, state donated, on one device),
 model_gflops_per_step (XLA cost analysis of the compiled step), achieved_gflops,
-matmul_peak_gflops (f32 2048^3 matmul measured in this run), mfu, compile_seconds (lower + XLA
-compile of the step, cold: the persistent compilation cache is turned off here;
-compile_lower_seconds, compile_xla_seconds, compile_cache_used), renderer_rays_per_second,
+matmul_peak_gflops (median GFLOP/s of an f32 2048^3 matmul run after each timed step: measured
+at the same moments as the step, see peak_probe), mfu (achieved / that peak),
+matmul_peak_gflops_before_step (the same matmul timed alone before the step, 5 calls),
+compile_seconds (lower + XLA compile of the step, cold: the persistent compilation cache is
+turned off here; compile_lower_seconds, compile_xla_seconds, compile_cache_used),
+renderer_rays_per_second,
 renderer_floor_ratio (renderer time / its memory-bound floor), memory_bandwidth_gbps (measured
 in this run), train_samples_per_second, pipeline_examples_per_second (null when the dataset is
 not converted yet), peak_rss_gb, param_counts (every named model size);
@@ -88,12 +91,34 @@ def _flops(compiled) -> float:
   return float(cost.get('flops', 0.0))
 
 
-def matmul_peak_gflops() -> float:
+def _peak_matmul():
+  """(the jitted f32 2048^3 matmul, its operand, its FLOPs)."""
   import jax, jax.numpy as jnp  # pylint: disable=import-outside-toplevel,multiple-imports
   n = 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  return 2 * n ** 3 / _timed(f, a, a) / 1e9
+  return jax.jit(lambda a, b: a @ b), a, 2 * n ** 3
+
+
+def matmul_peak_gflops() -> float:
+  f, a, flops = _peak_matmul()
+  return flops / _timed(f, a, a) / 1e9
+
+
+def peak_probe():
+  """() -> GFLOP/s of one f32 2048^3 matmul (compiled and warmed here): bench_train_step runs it
+  after every timed step, so that the MFU's peak is measured at the same moments as the step.
+  On a shared host whose speed drifts (session 16's AMD host: 71 GFLOP/s at the start of one
+  run, 103-136 in earlier runs) a peak measured once, minutes away from the step, makes the MFU
+  a measure of the drift."""
+  import jax  # pylint: disable=import-outside-toplevel
+  f, a, flops = _peak_matmul()
+  jax.block_until_ready(f(a, a))
+
+  def probe() -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    return flops / (time.perf_counter() - t) / 1e9
+  return probe
 
 
 def memory_bandwidth_gbps() -> float:
@@ -124,10 +149,11 @@ def _train_setup(config):
   return task, wrapper.train, state, batch
 
 
-def bench_train_step(config, steps: int) -> dict:
+def bench_train_step(config, steps: int, probe=None) -> dict:
   """Times the demo's train step (forward/backward + clipped AdamW update, state donated) on
   one per-device batch. compile_seconds: lower + XLA compile of the step, cold unless
-  compile_cache_used (the persistent compilation cache is on in this process)."""
+  compile_cache_used (the persistent compilation cache is on in this process). With a probe
+  (peak_probe()) it also runs after every timed step, and matmul_peak_gflops is its median."""
   import jax  # pylint: disable=import-outside-toplevel
   bs = config.train.per_device_batch_size
   t = time.perf_counter()
@@ -145,14 +171,17 @@ def bench_train_step(config, steps: int) -> dict:
   count = sum(x.size for x in jax.tree.leaves(state.params))
   state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(metrics)
-  times = []
+  times, peaks = [], []
   for _ in range(steps):
     t = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
+    if probe is not None:
+      peaks.append(probe())
   sec = statistics.median(times)
-  return dict(train_step_seconds=sec, model_gflops_per_step=flops / 1e9,
+  extra = dict(matmul_peak_gflops=statistics.median(peaks)) if peaks else {}
+  return dict(**extra, train_step_seconds=sec, model_gflops_per_step=flops / 1e9,
               achieved_gflops=flops / sec / 1e9, train_samples_per_second=bs / sec,
               init_seconds=init_s, compile_seconds=lower_s + xla_s,
               compile_lower_seconds=lower_s, compile_xla_seconds=xla_s,
@@ -515,11 +544,11 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel
   results = {}
-  peak = matmul_peak_gflops()
   bandwidth = memory_bandwidth_gbps()
-  results.update(matmul_peak_gflops=peak, memory_bandwidth_gbps=bandwidth)
-  results.update(bench_train_step(config, steps))
-  results['mfu'] = results['achieved_gflops'] / peak
+  results.update(matmul_peak_gflops_before_step=matmul_peak_gflops(),
+                 memory_bandwidth_gbps=bandwidth)
+  results.update(bench_train_step(config, steps, probe=peak_probe()))
+  results['mfu'] = results['achieved_gflops'] / results['matmul_peak_gflops']
   if parts:
     results['parts'] = bench_parts(config, results['train_step_seconds'])
     results['parts_sum_seconds'] = sum(r['seconds'] for r in results['parts'].values())

@@ -82,6 +82,10 @@ def test_run_benchmarks_json(tmp_path):
                                                      + results['compile_xla_seconds'])
   assert isinstance(results['compile_cache_used'], bool)
   assert isinstance(results['hugepage_malloc'], bool)
+  # the MFU's peak is the matmul timed beside the step; the one timed before it is reported too
+  assert results['matmul_peak_gflops_before_step'] > 0
+  assert results['mfu'] == pytest.approx(results['achieved_gflops']
+                                         / results['matmul_peak_gflops'])
   # the torch twin (an optional extra) was not asked for: its keys are there, null
   for key in ('renderer_speedup_vs_torch', 'renderer_speedup_vs_torch_alone',
               'renderer_speedup_vs_torch_full', 'renderer_speedup_vs_torch_full_alone',
