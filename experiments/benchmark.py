@@ -29,7 +29,7 @@ with each side timed in a process of its own, torch_twin.speedup_alone: the inte
 rounds slow ours down, a fresh process slows torch down); renderer_speedup_vs_torch_full,
 renderer_speedup_vs_torch_full_alone and renderer_vs_torch_full (the same at
 experiments/configs/full.flags' renderer sizes, 3 rounds: the issue's second size, so that both
-ratios and the MFU come from one run; ~6 min on 2 cores; --bench_torch_full=false skips it);
+ratios and the MFU come from one run; ~10 min on 2 cores; --bench_torch_full=false skips it);
 full_config_device_memory_gib
 (temp + argument + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
@@ -69,7 +69,7 @@ _TORCH = flags.DEFINE_bool('bench_torch', True, 'When torch is installed, time t
                            '(experiments.torch_twin).')
 _TORCH_FULL = flags.DEFINE_bool('bench_torch_full', True, 'With --bench_torch and torch '
                                 'installed, also time the twin at experiments/configs/'
-                                'full.flags\' renderer sizes (1M samples, 3 rounds; ~6 min on '
+                                'full.flags\' renderer sizes (1M samples, 3 rounds; ~10 min on '
                                 '2 CPU cores).')
 
 
