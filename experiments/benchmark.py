@@ -531,6 +531,14 @@ def torch_speedup(config_or_sizes, repeats: int = 5) -> dict | None:
   return twin
 
 
+def _twin_keys(twin: dict | None, suffix: str = '') -> dict:
+  """The JSON keys of one torch_speedup result (None: not timed), e.g. suffix '_full'."""
+  return {f'renderer_speedup_vs_torch{suffix}': twin and twin['renderer_speedup_vs_torch'],
+          f'renderer_speedup_vs_torch{suffix}_alone': (
+              twin and twin['renderer_speedup_vs_torch_alone']),
+          f'renderer_vs_torch{suffix}': twin}
+
+
 def full_sizes():
   """torch_twin.Sizes of experiments/configs/full.flags' renderer (one device's step)."""
   from experiments import torch_twin  # pylint: disable=import-outside-toplevel
@@ -566,15 +574,9 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
   results['hugepage_malloc'] = launch.hugepage_malloc_active()
-  twin = torch_speedup(config) if torch else None
-  results['renderer_speedup_vs_torch'] = twin and twin['renderer_speedup_vs_torch']
-  results['renderer_speedup_vs_torch_alone'] = twin and twin['renderer_speedup_vs_torch_alone']
-  results['renderer_vs_torch'] = twin
-  twin = torch_speedup(full_sizes(), repeats=3) if torch and torch_full else None
-  results['renderer_speedup_vs_torch_full'] = twin and twin['renderer_speedup_vs_torch']
-  results['renderer_speedup_vs_torch_full_alone'] = (
-      twin and twin['renderer_speedup_vs_torch_alone'])
-  results['renderer_vs_torch_full'] = twin
+  results.update(_twin_keys(torch_speedup(config) if torch else None))
+  results.update(_twin_keys(torch_speedup(full_sizes(), repeats=3) if torch and torch_full
+                            else None, '_full'))
   memory = full_config_memory() if full_memory else None
   results['full_config_device_memory_gib'] = memory and memory['device_memory_gib']
   results['full_config_memory'] = memory

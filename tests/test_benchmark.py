@@ -71,6 +71,15 @@ def test_part_programs_feed_realistic_inputs():
   assert float(loss) > 0 and 'perspective_psnr' in metrics
 
 
+def test_full_sizes_are_the_paper_renderer():
+  """The benchmark's second torch-twin size (renderer_speedup_vs_torch_full) is full.flags'
+  renderer on one device: 2 examples x 8192 rays x 64 samples, 100x100x8 volume of 64
+  channels, 3 x 128 field."""
+  full = benchmark.full_sizes()
+  assert (full.name, full.batch, full.rays, full.num_samples, full.volume_shape, full.channels,
+          full.field_width, full.field_depth) == ('full', 2, 8192, 64, (100, 100, 8), 64, 128, 3)
+
+
 @pytest.mark.slow
 def test_run_benchmarks_json(tmp_path):
   config = _config()

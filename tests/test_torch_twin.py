@@ -105,13 +105,6 @@ def test_speedup_alone_times_each_side_in_its_own_process():
       r['torch_alone_seconds'] / r['jax_alone_seconds'])
 
 
-def test_benchmark_full_sizes_are_full_flags():
-  """The benchmark's second twin size (renderer_speedup_vs_torch_full) is full.flags'."""
-  from experiments import benchmark  # pylint: disable=import-outside-toplevel
-  assert benchmark.full_sizes() == tt.sizes_from_config(
-      nsflags.config_from_flagfile(tt.FULL_FLAGS), 'full')
-
-
 @pytest.mark.slow
 def test_benchmark_torch_speedup_at_given_sizes():
   """benchmark.torch_speedup takes Sizes (how it times full.flags' renderer): both protocols'
