@@ -26,10 +26,13 @@ renderer_speedup_vs_torch (PyTorch eager twin's forward + backward time / ours a
 renderer sizes, experiments.torch_twin; null without torch, an optional extra: see that module)
 with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
 with each side timed in a process of its own, torch_twin.speedup_alone: the interleaved
-rounds slow ours down, a fresh process slows torch down); renderer_speedup_vs_torch_full,
+rounds slow ours down, a fresh process slows torch down; in the interleaved rounds each side
+runs --bench_torch_warmup untimed calls before its timed one, past the switch penalty, see
+torch_twin); renderer_speedup_vs_torch_full,
 renderer_speedup_vs_torch_full_alone and renderer_vs_torch_full (the same at
 experiments/configs/full.flags' renderer sizes, 3 rounds: the issue's second size, so that both
-ratios and the MFU come from one run; ~10 min on 2 cores; --bench_torch_full=false skips it);
+ratios and the MFU come from one run; 5-15 min on 2 cores; --bench_torch_full=false skips
+it);
 full_config_device_memory_gib
 (temp + argument + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
@@ -71,6 +74,11 @@ _TORCH_FULL = flags.DEFINE_bool('bench_torch_full', True, 'With --bench_torch an
                                 'installed, also time the twin at experiments/configs/'
                                 'full.flags\' renderer sizes (1M samples, 3 rounds; ~10 min on '
                                 '2 CPU cores).')
+_TORCH_WARMUP = flags.DEFINE_integer('bench_torch_warmup', 4, 'Untimed calls of each side per '
+                                     'round of the interleaved twin timing before its timed '
+                                     'call (torch_twin.speedup\'s warmup: the penalty of a '
+                                     'switch between frameworks lasts ~4 of our calls at the '
+                                     'demo sizes; 1 = the protocol before session 17).')
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -517,16 +525,16 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
       return json.load(f)
 
 
-def torch_speedup(config_or_sizes, repeats: int = 5) -> dict | None:
-  """experiments.torch_twin.speedup (interleaved rounds) and speedup_alone (each side in a
-  process of its own) at a config's renderer sizes or at torch_twin.Sizes; None without
-  torch."""
+def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int = 1) -> dict | None:
+  """experiments.torch_twin.speedup (interleaved rounds, `warmup` untimed calls of each side
+  per round before its timed one) and speedup_alone (each side in a process of its own) at a
+  config's renderer sizes or at torch_twin.Sizes; None without torch."""
   from experiments import torch_twin  # pylint: disable=import-outside-toplevel
   if not torch_twin.torch_available():
     return None
   sizes = (config_or_sizes if isinstance(config_or_sizes, torch_twin.Sizes)
            else torch_twin.sizes_from_config(config_or_sizes))
-  twin = torch_twin.speedup(sizes, repeats=repeats)
+  twin = torch_twin.speedup(sizes, repeats=repeats, warmup=warmup)
   twin.update(torch_twin.speedup_alone(sizes, repeats=repeats, lookup=twin['torch_lookup']))
   return twin
 
@@ -548,7 +556,8 @@ def full_sizes():
 
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
                    pipeline_batches: int = 20, full_memory: bool = False,
-                   torch: bool = False, torch_full: bool = False) -> dict:
+                   torch: bool = False, torch_full: bool = False, torch_warmup: int = 1
+                   ) -> dict:
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel
   results = {}
@@ -574,9 +583,9 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
   results['hugepage_malloc'] = launch.hugepage_malloc_active()
-  results.update(_twin_keys(torch_speedup(config) if torch else None))
-  results.update(_twin_keys(torch_speedup(full_sizes(), repeats=3) if torch and torch_full
-                            else None, '_full'))
+  results.update(_twin_keys(torch_speedup(config, warmup=torch_warmup) if torch else None))
+  results.update(_twin_keys(torch_speedup(full_sizes(), repeats=3, warmup=torch_warmup)
+                            if torch and torch_full else None, '_full'))
   memory = full_config_memory() if full_memory else None
   results['full_config_device_memory_gib'] = memory and memory['device_memory_gib']
   results['full_config_memory'] = memory
@@ -592,7 +601,7 @@ def main(argv):
   jax.config.update('jax_enable_compilation_cache', False)
   results = run_benchmarks(config, _STEPS.value, _PARTS.value, _SCALING.value,
                            _PIPELINE_BATCHES.value, _FULL_MEMORY.value, _TORCH.value,
-                           _TORCH_FULL.value)
+                           _TORCH_FULL.value, _TORCH_WARMUP.value)
   print_report(results)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:

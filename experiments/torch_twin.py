@@ -22,10 +22,17 @@ faster of the two (the best torch eager does on this math). tests/test_torch_twi
 that both forms agree with ours (outputs and gradients, same inputs and weights).
 
 Timings are medians over rounds (ours, torch grid_sample, torch gather, ours, ...) after our
-compile call. In each round each implementation runs twice in a row and only the second call
-counts: the first call after the other framework ran is up to 2x slower for either (the
-process's malloc state), which a training loop of one framework never sees. Those first calls
-are reported too (`*_after_switch_seconds`). Both run in float32 on the same threads
+compile call. In each round each implementation runs 1 + `warmup` times in a row and only the
+last call counts: the calls right after the other framework ran are up to 2x slower (the
+process's malloc state: the other side's frees trim glibc's heap and the next calls fault its
+pages back in), which a training loop of one framework never sees. Those first calls are
+reported too (`*_after_switch_seconds`). Session 17 (2 cores with AVX-512) measured how long
+that lasts, medians by position in a block of 8 calls over 7 rounds at the demo config's sizes:
+ours 139, 75, 74, 70, 67, 56, 58, 60 ms, torch 129, 132, 127, 136, 136, 125, 123, 129 ms (with
+glibc's trim and mmap thresholds pinned, our first call took 72 ms); at full.flags' sizes, 2
+rounds of 4: ours 5.3 / 7.5, 3.8 / 4.1, 4.8 / 3.9, 4.0 / 3.8 s, torch grid_sample 7.9 / 8.1,
+11.5 / 9.0, 11.2 / 9.0, 10.1 / 8.5 s. Hence the benchmark's warmup=4 (--twin_warmup here);
+warmup=1, one untimed call, was the protocol until then. Both run in float32 on the same threads
 (half_precision in a flagfile is ignored here). torch is an optional extra, never a dependency
 of nsmae_jax: without it this prints a message and exits 0.
 """
@@ -391,25 +398,32 @@ def _jax_call(sizes: Sizes, params: dict, inputs: dict[str, np.ndarray], seed: i
 
 
 def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
-            lookups: tuple[str, ...] = ('grid_sample', 'gather')) -> dict[str, Any]:
+            lookups: tuple[str, ...] = ('grid_sample', 'gather'), warmup: int = 1
+            ) -> dict[str, Any]:
   """Times one forward + backward of our jitted renderer and of the torch twin at the same sizes.
 
   Args:
     config_or_sizes: a Config (its sizes_from_config) or a Sizes.
-    repeats: rounds; in each, every implementation (ours, torch per lookup) runs twice in a row
-      and the second call is timed. The first call after the other framework ran is slower for
-      both (full.flags sizes, 2 cores: ours 7.4-9.3 s after a torch step vs 4.8 s after one of
-      ours; torch 5.6 s after ours vs 7.0-7.2 s after torch; the process's malloc state), which
-      a training loop never sees; its time is reported as *_after_switch_seconds.
+    repeats: rounds; in each, every implementation (ours, torch per lookup) runs 1 + warmup
+      times in a row and the last call is timed. The first call after the other framework ran
+      is slower for both (full.flags sizes, 2 cores: ours 7.4-9.3 s after a torch step vs 4.8 s
+      after one of ours; torch 5.6 s after ours vs 7.0-7.2 s after torch; the process's malloc
+      state), which a training loop never sees; its time is reported as
+      *_after_switch_seconds.
     lookups: the torch twin's trilinear forms to time ('grid_sample', 'gather').
+    warmup: untimed calls of each implementation before its timed call in each round (>= 1;
+      the module docstring says how long the switch penalty lasts).
 
   Returns:
     dict: jax_seconds, torch_seconds (the fastest lookup's median), torch_lookup (which),
     torch_<lookup>_seconds for each, renderer_speedup_vs_torch = torch_seconds / jax_seconds,
     the medians of the untimed-in-the-ratio first calls (jax_after_switch_seconds,
     torch_after_switch_seconds for the fastest lookup), jax_compile_seconds, the sizes
-    (Sizes.describe()), threads, repeats.
+    (Sizes.describe()), threads, repeats, warmup.
   """
+  if warmup < 1:
+    raise ValueError(f'speedup: warmup must be >= 1 (the first call after a switch is never '
+                     f'timed), got {warmup}')
   import jax  # pylint: disable=import-outside-toplevel
   torch = _torch()
   sizes = (config_or_sizes if isinstance(config_or_sizes, Sizes)
@@ -426,10 +440,13 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
   first: dict[str, list[float]] = {k: [] for k in calls}
   for _ in range(repeats):
     for k, call in calls.items():
-      for record in (first[k], times[k]):
+      for i in range(1 + warmup):
         t0 = time.perf_counter()
         call()
-        record.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if i == 0:
+          first[k].append(seconds)
+      times[k].append(seconds)
   med = {k: statistics.median(v) for k, v in times.items()}
   best = min(lookups, key=lambda lk: med[lk])
   out = dict(jax_seconds=med['jax'], torch_seconds=med[best], torch_lookup=best,
@@ -437,7 +454,7 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
              jax_after_switch_seconds=statistics.median(first['jax']),
              torch_after_switch_seconds=statistics.median(first[best]),
              renderer_speedup_vs_torch=med[best] / med['jax'], jax_compile_seconds=compile_s,
-             torch_threads=torch.get_num_threads(), repeats=repeats,
+             torch_threads=torch.get_num_threads(), repeats=repeats, warmup=warmup,
              torch_version=torch.__version__, jax_version=jax.__version__)
   out.update(sizes.describe())
   return out
@@ -541,7 +558,7 @@ def main(argv):
     sizes.append(LARGE)
   rows = []
   for s in sizes:
-    rows.append(speedup(s, repeats=fv.twin_repeats))
+    rows.append(speedup(s, repeats=fv.twin_repeats, warmup=fv.twin_warmup))
     if fv.twin_alone_too:
       rows[-1].update(speedup_alone(s, repeats=fv.twin_repeats,
                                     lookup=rows[-1]['torch_lookup']))
@@ -556,8 +573,10 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags as _flags
   from experiments import flags as _nsflags
-  _flags.DEFINE_integer('twin_repeats', 5, 'Rounds: each renderer runs twice in a row per round, '
-                          'the second call timed.')
+  _flags.DEFINE_integer('twin_repeats', 5, 'Rounds: each renderer runs 1 + --twin_warmup times '
+                        'in a row per round, the last call timed.')
+  _flags.DEFINE_integer('twin_warmup', 4, 'Untimed calls of each renderer per round before its '
+                        'timed call (the switch penalty; 1 = the protocol before session 17).')
   _flags.DEFINE_list('twin_sizes', ['config', 'full', 'large'], 'Which sizes to time: config '
                      '(the flagfile\'s), full (experiments/configs/full.flags), large (4096 rays '
                      'x 64 samples, 128x128x8 volume of 32 channels).')

@@ -110,8 +110,37 @@ def test_benchmark_torch_speedup_at_given_sizes():
   """benchmark.torch_speedup takes Sizes (how it times full.flags' renderer): both protocols'
   ratios, consistent with their times, at those sizes."""
   from experiments import benchmark  # pylint: disable=import-outside-toplevel
-  r = benchmark.torch_speedup(SIZES, repeats=1)
-  assert r['rays'] == SIZES.batch * SIZES.rays and r['repeats'] == 1
+  r = benchmark.torch_speedup(SIZES, repeats=1, warmup=2)
+  assert r['rays'] == SIZES.batch * SIZES.rays and r['repeats'] == 1 and r['warmup'] == 2
   assert r['renderer_speedup_vs_torch'] == pytest.approx(r['torch_seconds'] / r['jax_seconds'])
   assert r['renderer_speedup_vs_torch_alone'] == pytest.approx(
       r['torch_alone_seconds'] / r['jax_alone_seconds'])
+
+
+def test_speedup_times_the_last_call_of_each_block(monkeypatch):
+  """speedup's protocol: per round each side runs 1 + warmup calls in a row; the first is the
+  after-switch time, the last the timed one (fake calls that sleep by their position in the
+  block: 3, 2, 1 units)."""
+  import time  # pylint: disable=import-outside-toplevel
+  calls = {'jax': 0, 'grid_sample': 0}
+
+  def fake(kind, unit, offset):
+    def call():
+      calls[kind] += 1
+      position = (calls[kind] - 1 - offset) % 3   # warmup=2: blocks of 3
+      time.sleep(unit * (3 - position))
+    return call
+
+  # ours is called once more, before the rounds (the compile call): offset 1
+  monkeypatch.setattr(tt, '_jax_call', lambda *a: fake('jax', 0.05, 1))
+  twin = type('FakeTwin', (), {'step': staticmethod(fake('grid_sample', 0.1, 0))})
+  monkeypatch.setattr(tt, 'TorchTwin', lambda *a: twin())
+  r = tt.speedup(SIZES, repeats=2, lookups=('grid_sample',), warmup=2)
+  assert calls == {'jax': 1 + 2 * 3, 'grid_sample': 2 * 3}
+  # sleep may overrun, never underrun: each time lies in [its units, + 0.04 s)
+  for key, want in (('jax_seconds', 0.05), ('jax_after_switch_seconds', 0.15),
+                    ('torch_seconds', 0.1), ('torch_after_switch_seconds', 0.3)):
+    assert want <= r[key] < want + 0.04, (key, r[key])
+  assert r['warmup'] == 2 and r['renderer_speedup_vs_torch'] == pytest.approx(2.0, rel=0.4)
+  with pytest.raises(ValueError, match='warmup'):
+    tt.speedup(SIZES, repeats=1, warmup=0)
