@@ -72,11 +72,11 @@ _TORCH = flags.DEFINE_bool('bench_torch', True, 'When torch is installed, time t
                            '(experiments.torch_twin).')
 _TORCH_FULL = flags.DEFINE_bool('bench_torch_full', True, 'With --bench_torch and torch '
                                 'installed, also time the twin at experiments/configs/'
-                                'full.flags\' renderer sizes (1M samples, 3 rounds; ~10 min on '
+                                'full.flags\' renderer sizes (1M samples, 3 rounds; 5-15 min on '
                                 '2 CPU cores).')
-_TORCH_WARMUP = flags.DEFINE_integer('bench_torch_warmup', 4, 'Untimed calls of each side per '
+_TORCH_WARMUP = flags.DEFINE_integer('bench_torch_warmup', None, 'Untimed calls of each side per '
                                      'round of the interleaved twin timing before its timed '
-                                     'call (torch_twin.speedup\'s warmup: the penalty of a '
+                                     'call (default torch_twin.WARMUP = 4: the penalty of a '
                                      'switch between frameworks lasts ~4 of our calls at the '
                                      'demo sizes; 1 = the protocol before session 17).')
 
@@ -525,7 +525,8 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
       return json.load(f)
 
 
-def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int = 1) -> dict | None:
+def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int | None = None
+                  ) -> dict | None:
   """experiments.torch_twin.speedup (interleaved rounds, `warmup` untimed calls of each side
   per round before its timed one) and speedup_alone (each side in a process of its own) at a
   config's renderer sizes or at torch_twin.Sizes; None without torch."""
@@ -534,7 +535,8 @@ def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int = 1) -> dict | 
     return None
   sizes = (config_or_sizes if isinstance(config_or_sizes, torch_twin.Sizes)
            else torch_twin.sizes_from_config(config_or_sizes))
-  twin = torch_twin.speedup(sizes, repeats=repeats, warmup=warmup)
+  twin = torch_twin.speedup(sizes, repeats=repeats,
+                           warmup=torch_twin.WARMUP if warmup is None else warmup)
   twin.update(torch_twin.speedup_alone(sizes, repeats=repeats, lookup=twin['torch_lookup']))
   return twin
 
@@ -556,7 +558,7 @@ def full_sizes():
 
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
                    pipeline_batches: int = 20, full_memory: bool = False,
-                   torch: bool = False, torch_full: bool = False, torch_warmup: int = 1
+                   torch: bool = False, torch_full: bool = False, torch_warmup: int | None = None
                    ) -> dict:
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -31,7 +31,7 @@ that lasts, medians by position in a block of 8 calls over 7 rounds at the demo 
 ours 139, 75, 74, 70, 67, 56, 58, 60 ms, torch 129, 132, 127, 136, 136, 125, 123, 129 ms (with
 glibc's trim and mmap thresholds pinned, our first call took 72 ms); at full.flags' sizes, 2
 rounds of 4: ours 5.3 / 7.5, 3.8 / 4.1, 4.8 / 3.9, 4.0 / 3.8 s, torch grid_sample 7.9 / 8.1,
-11.5 / 9.0, 11.2 / 9.0, 10.1 / 8.5 s. Hence the benchmark's warmup=4 (--twin_warmup here);
+11.5 / 9.0, 11.2 / 9.0, 10.1 / 8.5 s. Hence WARMUP = 4 (--twin_warmup here);
 warmup=1, one untimed call, was the protocol until then. Both run in float32 on the same threads
 (half_precision in a flagfile is ignored here). torch is an optional extra, never a dependency
 of nsmae_jax: without it this prints a message and exits 0.
@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+# Untimed calls of each side per interleaved round before its timed call (module docstring).
+WARMUP = 4
 FULL_FLAGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'full.flags')
 
 
@@ -398,7 +400,7 @@ def _jax_call(sizes: Sizes, params: dict, inputs: dict[str, np.ndarray], seed: i
 
 
 def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
-            lookups: tuple[str, ...] = ('grid_sample', 'gather'), warmup: int = 1
+            lookups: tuple[str, ...] = ('grid_sample', 'gather'), warmup: int = WARMUP
             ) -> dict[str, Any]:
   """Times one forward + backward of our jitted renderer and of the torch twin at the same sizes.
 
@@ -575,8 +577,9 @@ if __name__ == '__main__':
   from experiments import flags as _nsflags
   _flags.DEFINE_integer('twin_repeats', 5, 'Rounds: each renderer runs 1 + --twin_warmup times '
                         'in a row per round, the last call timed.')
-  _flags.DEFINE_integer('twin_warmup', 4, 'Untimed calls of each renderer per round before its '
-                        'timed call (the switch penalty; 1 = the protocol before session 17).')
+  _flags.DEFINE_integer('twin_warmup', WARMUP, 'Untimed calls of each renderer per round '
+                        'before its timed call (the switch penalty; 1 = the protocol before '
+                        'session 17).')
   _flags.DEFINE_list('twin_sizes', ['config', 'full', 'large'], 'Which sizes to time: config '
                      '(the flagfile\'s), full (experiments/configs/full.flags), large (4096 rays '
                      'x 64 samples, 128x128x8 volume of 32 channels).')
