@@ -32,9 +32,12 @@ ours 139, 75, 74, 70, 67, 56, 58, 60 ms, torch 129, 132, 127, 136, 136, 125, 123
 glibc's trim and mmap thresholds pinned, our first call took 72 ms); at full.flags' sizes, 2
 rounds of 4: ours 5.3 / 7.5, 3.8 / 4.1, 4.8 / 3.9, 4.0 / 3.8 s, torch grid_sample 7.9 / 8.1,
 11.5 / 9.0, 11.2 / 9.0, 10.1 / 8.5 s. Hence WARMUP = 4 (--twin_warmup here);
-warmup=1, one untimed call, was the protocol until then. Both run in float32 on the same threads
-(half_precision in a flagfile is ignored here). torch is an optional extra, never a dependency
-of nsmae_jax: without it this prints a message and exits 0.
+warmup=1, one untimed call, was the protocol until then. Session 18 (same kind of host) saw the
+decay last longer, ~20 calls after 12 of torch's (ours 77, 74, 66, 61, ... 53 ms), and the host
+move whole processes by up to 30%; a time-based warm-up and separate processes did not steady
+the ratio (docs/cpu_performance.md, session 18), so WARMUP stayed. Both run in float32 on the
+same threads (half_precision in a flagfile is ignored here). torch is an optional extra, never a
+dependency of nsmae_jax: without it this prints a message and exits 0.
 """
 
 from __future__ import annotations
