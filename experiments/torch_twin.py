@@ -23,9 +23,11 @@ that both forms agree with ours (outputs and gradients, same inputs and weights)
 
 Timings are medians over rounds (ours, torch grid_sample, torch gather, ours, ...) after our
 compile call. In each round each implementation runs 1 + `warmup` times in a row and only the
-last call counts: the calls right after the other framework ran are up to 2x slower (the
-process's malloc state: the other side's frees trim glibc's heap and the next calls fault its
-pages back in), which a training loop of one framework never sees. Those first calls are
+last call counts: the calls right after the other framework ran are up to 2x slower (session
+17 blamed the process's malloc state, torch's frees trimming glibc's heap; session 18 counted
+the same ~500 page faults a call in steady state and ~700-900 in the first calls, too few to
+explain it, and found the first calls after the process sat idle slow too: the cause is not
+established), which a training loop of one framework never sees. Those first calls are
 reported too (`*_after_switch_seconds`). Session 17 (2 cores with AVX-512) measured how long
 that lasts, medians by position in a block of 8 calls over 7 rounds at the demo config's sizes:
 ours 139, 75, 74, 70, 67, 56, 58, 60 ms, torch 129, 132, 127, 136, 136, 125, 123, 129 ms (with
