@@ -413,10 +413,10 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
     config_or_sizes: a Config (its sizes_from_config) or a Sizes.
     repeats: rounds; in each, every implementation (ours, torch per lookup) runs 1 + warmup
       times in a row and the last call is timed. The first call after the other framework ran
-      is slower for both (full.flags sizes, 2 cores: ours 7.4-9.3 s after a torch step vs 4.8 s
-      after one of ours; torch 5.6 s after ours vs 7.0-7.2 s after torch; the process's malloc
-      state), which a training loop never sees; its time is reported as
-      *_after_switch_seconds.
+      takes a different time (full.flags sizes, 2 cores: ours 7.4-9.3 s after a torch step vs
+      4.8 s after one of ours; torch 5.6 s after ours vs 7.0-7.2 s after torch; the cause is
+      not established, module docstring), which a training loop never sees; its time is
+      reported as *_after_switch_seconds.
     lookups: the torch twin's trilinear forms to time ('grid_sample', 'gather').
     warmup: untimed calls of each implementation before its timed call in each round (>= 1;
       the module docstring says how long the switch penalty lasts).
