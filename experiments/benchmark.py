@@ -52,6 +52,7 @@ from absl import flags
 
 from experiments import flags as nsflags
 from experiments import launch
+from experiments import torch_twin  # numpy only at import; torch is imported when used
 
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Write the results as JSON to this file.')
 _STEPS = flags.DEFINE_integer('bench_steps', 20, 'Timed train steps (after one warm-up step); '
@@ -74,11 +75,11 @@ _TORCH_FULL = flags.DEFINE_bool('bench_torch_full', True, 'With --bench_torch an
                                 'installed, also time the twin at experiments/configs/'
                                 'full.flags\' renderer sizes (1M samples, 3 rounds; 5-15 min on '
                                 '2 CPU cores).')
-_TORCH_WARMUP = flags.DEFINE_integer('bench_torch_warmup', None, 'Untimed calls of each side per '
-                                     'round of the interleaved twin timing before its timed '
-                                     'call (default torch_twin.WARMUP = 4: the penalty of a '
-                                     'switch between frameworks lasts ~4 of our calls at the '
-                                     'demo sizes; 1 = the protocol before session 17).')
+_TORCH_WARMUP = flags.DEFINE_integer('bench_torch_warmup', torch_twin.WARMUP, 'Untimed calls '
+                                     'of each side per round of the interleaved twin timing '
+                                     'before its timed call (the slower calls after a switch '
+                                     'between frameworks, see experiments.torch_twin; 1 = the '
+                                     'protocol before session 17).')
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:
@@ -525,18 +526,16 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
       return json.load(f)
 
 
-def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int | None = None
+def torch_speedup(config_or_sizes, repeats: int = 5, warmup: int = torch_twin.WARMUP
                   ) -> dict | None:
   """experiments.torch_twin.speedup (interleaved rounds, `warmup` untimed calls of each side
   per round before its timed one) and speedup_alone (each side in a process of its own) at a
   config's renderer sizes or at torch_twin.Sizes; None without torch."""
-  from experiments import torch_twin  # pylint: disable=import-outside-toplevel
   if not torch_twin.torch_available():
     return None
   sizes = (config_or_sizes if isinstance(config_or_sizes, torch_twin.Sizes)
            else torch_twin.sizes_from_config(config_or_sizes))
-  twin = torch_twin.speedup(sizes, repeats=repeats,
-                           warmup=torch_twin.WARMUP if warmup is None else warmup)
+  twin = torch_twin.speedup(sizes, repeats=repeats, warmup=warmup)
   twin.update(torch_twin.speedup_alone(sizes, repeats=repeats, lookup=twin['torch_lookup']))
   return twin
 
@@ -551,15 +550,14 @@ def _twin_keys(twin: dict | None, suffix: str = '') -> dict:
 
 def full_sizes():
   """torch_twin.Sizes of experiments/configs/full.flags' renderer (one device's step)."""
-  from experiments import torch_twin  # pylint: disable=import-outside-toplevel
   return torch_twin.sizes_from_config(nsflags.config_from_flagfile(torch_twin.FULL_FLAGS),
                                       'full')
 
 
 def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = True,
                    pipeline_batches: int = 20, full_memory: bool = False,
-                   torch: bool = False, torch_full: bool = False, torch_warmup: int | None = None
-                   ) -> dict:
+                   torch: bool = False, torch_full: bool = False,
+                   torch_warmup: int = torch_twin.WARMUP) -> dict:
   """Every figure of the module docstring for `config`, as the JSON holds them."""
   import jax  # pylint: disable=import-outside-toplevel
   results = {}
