@@ -27,7 +27,7 @@ renderer sizes, experiments.torch_twin; null without torch, an optional extra: s
 with renderer_vs_torch (both times, the sizes) and renderer_speedup_vs_torch_alone (the same
 with each side timed in a process of its own, torch_twin.speedup_alone: the interleaved
 rounds slow ours down, a fresh process slows torch down; in the interleaved rounds each side
-runs --bench_torch_warmup untimed calls before its timed one, past the switch penalty, see
+runs --bench_torch_warmup untimed calls before its timed one (the slower calls after a switch, see
 torch_twin); renderer_speedup_vs_torch_full,
 renderer_speedup_vs_torch_full_alone and renderer_vs_torch_full (the same at
 experiments/configs/full.flags' renderer sizes, 3 rounds: the issue's second size, so that both
