@@ -1,5 +1,6 @@
 """Entry points (`python -m experiments.<name>`). Started that way, the process first re-executes
-itself with huge-page malloc (experiments.launch; NSMAE_HUGEPAGE_MALLOC=0 turns that off)."""
+itself with huge-page malloc, and jemalloc preloaded where the system has it (experiments.launch;
+NSMAE_JEMALLOC=0 keeps glibc, NSMAE_HUGEPAGE_MALLOC=0 turns both off)."""
 
 from experiments import launch as _launch
 

@@ -36,8 +36,9 @@ it);
 full_config_device_memory_gib
 (temp + argument + output - alias of the compiled full.flags step at per-device batch 2,
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
-process runs with glibc's huge-page malloc, experiments.launch: the step is 25-40% slower
-without it on CPU).
+process's host allocator asks for transparent huge pages, experiments.launch: the step is 25-40%
+slower without them on CPU) and host_allocator ('jemalloc' where the system has it and the entry
+point preloaded it, else 'glibc': jemalloc keeps the step's buffers mapped, ~5-10% of the step).
 """
 
 from __future__ import annotations
@@ -518,6 +519,7 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'memory.json')
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    launch.release_free_memory()
     subprocess.run([sys.executable, '-m', 'experiments.memory_report',
                     f'--flagfile={root}/experiments/configs/full.flags',
                     f'--per_device_batch_size={per_device_batch_size}',
@@ -583,6 +585,7 @@ def run_benchmarks(config, steps: int = 5, parts: bool = True, scaling: bool = T
   results['peak_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   results['device'] = f'{jax.devices()[0].platform} x{jax.device_count()}'
   results['hugepage_malloc'] = launch.hugepage_malloc_active()
+  results['host_allocator'] = launch.host_allocator()
   results.update(_twin_keys(torch_speedup(config, warmup=torch_warmup) if torch else None))
   results.update(_twin_keys(torch_speedup(full_sizes(), repeats=3, warmup=torch_warmup)
                             if torch and torch_full else None, '_full'))

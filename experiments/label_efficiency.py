@@ -45,6 +45,7 @@ from absl import flags
 
 from experiments import data
 from experiments import flags as nsflags
+from experiments import launch
 from experiments import label_efficiency_report as report
 from nsmae_jax.config import ConfigError
 
@@ -183,6 +184,7 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
   job = os.path.join(workdir, 'job.json')
   with open(job, 'w') as f:
     json.dump({'kind': kind, 'workdir': workdir, 'config': config.to_dict()}, f, indent=1)
+  launch.release_free_memory()
   subprocess.run([sys.executable, '-m', 'experiments.label_efficiency', f'--run_cell={job}'],
                  check=True)
   with open(os.path.join(workdir, 'job_result.json')) as f:

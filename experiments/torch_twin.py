@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments import launch
+
 # Untimed calls of each side per interleaved round before its timed call (module docstring).
 WARMUP = 4
 FULL_FLAGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'full.flags')
@@ -502,6 +504,7 @@ def speedup_alone(sizes: Sizes, repeats: int = 5, lookup: str = 'grid_sample'
   for framework in ('jax', lookup):
     cmd = [sys.executable, '-m', 'experiments.torch_twin', f'--twin_alone={framework}',
            f'--twin_alone_sizes={spec}', f'--twin_repeats={repeats}']
+    launch.release_free_memory()  # this process's freed pages, before the child needs its own
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]

@@ -91,6 +91,7 @@ def test_run_benchmarks_json(tmp_path):
                                                      + results['compile_xla_seconds'])
   assert isinstance(results['compile_cache_used'], bool)
   assert isinstance(results['hugepage_malloc'], bool)
+  assert results['host_allocator'] in ('jemalloc', 'glibc', 'default')
   # the MFU's peak is the matmul timed beside the step; the one timed before it is reported too
   assert results['matmul_peak_gflops_before_step'] > 0
   assert results['mfu'] == pytest.approx(results['achieved_gflops']
