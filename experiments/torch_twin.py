@@ -38,7 +38,10 @@ warmup=1, one untimed call, was the protocol until then. Session 18 (same kind o
 decay last longer, ~20 calls after 12 of torch's (ours 77, 74, 66, 61, ... 53 ms), and the host
 move whole processes by up to 30%; a time-based warm-up and separate processes did not steady
 the ratio (docs/cpu_performance.md, session 18), so WARMUP stayed. Both run in float32 on the
-same threads (half_precision in a flagfile is ignored here). torch is an optional extra, never a
+same threads (half_precision in a flagfile is ignored here), under the process's host allocator
+(experiments.launch: jemalloc where the system has it): at full.flags' sizes torch's step took
+6.4 s under jemalloc against 11.1 s under glibc, ours 3.4 vs 3.5 s (session 19), so ratios are
+comparable only under the same allocator. torch is an optional extra, never a
 dependency of nsmae_jax: without it this prints a message and exits 0.
 """
 
