@@ -38,7 +38,7 @@ full_config_device_memory_gib
 experiments.memory_report) with full_config_memory (its parts); hugepage_malloc (whether this
 process's host allocator asks for transparent huge pages, experiments.launch: the step is 25-40%
 slower without them on CPU) and host_allocator ('jemalloc' where the system has it and the entry
-point preloaded it, else 'glibc': jemalloc keeps the step's buffers mapped, ~5-10% of the step).
+point preloaded it, else 'glibc': jemalloc keeps the step's buffers mapped, ~7% of the step).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ above 64 MiB, whatever its tunables say), so the kernel zeroes ~100 fresh 2 MiB 
 
 jemalloc (Debian/Ubuntu package libjemalloc2), preloaded with MALLOC_CONF=`JEMALLOC_CONF`
 (huge pages, freed pages kept for reuse instead of returned to the kernel), maps those buffers
-once and reuses them: 4-8 minor faults a step instead of ~540, kernel time 20-27 instead of
-35-50 ms a step, and the step 5-10% faster in adjacent process pairs (session 19, AMD EPYC Zen 4,
-2 cores; README, Benchmarks). The cost: the process keeps its high-water mark of freed memory
-(peak RSS of the demo step 1.4 instead of 1.1 GB) until it exits.
+once and reuses them: 2-9 minor faults a step instead of ~500, kernel time 3-27 instead of
+32-53 ms a step, and the step faster in 13 of 19 adjacent process pairs, median -7% (session 19,
+AMD EPYC Zen 4, 2 cores; docs/cpu_performance.md). The cost: the process keeps its high-water
+mark of freed memory (peak RSS of the demo step 1.4 instead of 1.1 GB) until it exits or calls
+`release_free_memory`.
 
 Both are set when the process starts, so an entry point started without them re-executes itself
 once (before anything heavy is imported: experiments/__init__.py calls this) with
