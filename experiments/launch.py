@@ -45,7 +45,7 @@ SWITCH = 'NSMAE_HUGEPAGE_MALLOC'
 JEMALLOC_SWITCH = 'NSMAE_JEMALLOC'
 # thp:always: jemalloc's own mappings get transparent huge pages; dirty_decay_ms / muzzy_decay_ms
 # -1: freed pages are never returned to the kernel, so the next step reuses them already mapped.
-# (A 30 s decay with oversize_threshold:0 measured 29-103 faults a step; session 19.)
+# (With oversize_threshold:0 and the default 10 s decay: 103 faults a step; 30 s: 19-29.)
 JEMALLOC_CONF = 'thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1'
 JEMALLOC_NAME = 'libjemalloc.so.2'
 # Where Debian/Ubuntu (multiarch), Fedora/RHEL and source builds put it.
