@@ -513,17 +513,15 @@ def full_config_memory(per_device_batch_size: int = 2) -> dict:
   """experiments.memory_report's figures for full.flags, run in a fresh process: the
   memory-minimising CPU scheduler it needs is an XLA flag read when jax starts."""
   import os  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'memory.json')
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    launch.release_free_memory()
-    subprocess.run([sys.executable, '-m', 'experiments.memory_report',
-                    f'--flagfile={root}/experiments/configs/full.flags',
-                    f'--per_device_batch_size={per_device_batch_size}',
-                    f'--memory_json_out={out}'], cwd=root, env=env, check=True)
+    launch.run_entry_point('experiments.memory_report',
+                           [f'--flagfile={root}/experiments/configs/full.flags',
+                            f'--per_device_batch_size={per_device_batch_size}',
+                            f'--memory_json_out={out}'], cwd=root, env=env, check=True)
     with open(out) as f:
       return json.load(f)
 

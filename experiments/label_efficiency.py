@@ -178,15 +178,11 @@ def _run_job(kind: str, config, workdir: str, in_process: bool) -> dict:
     if kind.startswith('evaluate:'):
       return evaluate_dropped(config, workdir, kind.split(':')[1])
     return _finetune_fn(kind.split(':')[1])(config, workdir)
-  import subprocess
-  import sys
   os.makedirs(workdir, exist_ok=True)
   job = os.path.join(workdir, 'job.json')
   with open(job, 'w') as f:
     json.dump({'kind': kind, 'workdir': workdir, 'config': config.to_dict()}, f, indent=1)
-  launch.release_free_memory()
-  subprocess.run([sys.executable, '-m', 'experiments.label_efficiency', f'--run_cell={job}'],
-                 check=True)
+  launch.run_entry_point('experiments.label_efficiency', [f'--run_cell={job}'], check=True)
   with open(os.path.join(workdir, 'job_result.json')) as f:
     return json.load(f)
 

@@ -161,6 +161,15 @@ def release_free_memory() -> bool:
   return True
 
 
+def run_entry_point(module: str, args: Sequence[str] = (), **kwargs):
+  """subprocess.run([python, '-m', module, *args], **kwargs) after `release_free_memory`, so that
+  this process's freed pages are the kernel's again before the child needs its own (the
+  benchmark's memory_report and --twin_alone children, label_efficiency's cells)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  release_free_memory()
+  return subprocess.run([sys.executable, '-m', module, *args], **kwargs)  # pylint: disable=subprocess-run-check
+
+
 def _thp_allowed() -> bool:
   try:
     with open(_THP) as f:

@@ -501,15 +501,14 @@ def speedup_alone(sizes: Sizes, repeats: int = 5, lookup: str = 'grid_sample'
   alone than after our steps (config: 122.5 vs 105.0 ms; 4096 x 64: 968 vs 740 ms; its large
   buffers then meet a fresh malloc heap, a guess not checked). Both ratios are reported.
   -> jax_alone_seconds, torch_alone_seconds, renderer_speedup_vs_torch_alone."""
-  import subprocess  # pylint: disable=import-outside-toplevel
   spec = json.dumps(dataclasses.asdict(sizes))
   out = {}
   for framework in ('jax', lookup):
-    cmd = [sys.executable, '-m', 'experiments.torch_twin', f'--twin_alone={framework}',
-           f'--twin_alone_sizes={spec}', f'--twin_repeats={repeats}']
-    launch.release_free_memory()  # this process's freed pages, before the child needs its own
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = launch.run_entry_point(
+        'experiments.torch_twin', [f'--twin_alone={framework}', f'--twin_alone_sizes={spec}',
+                                   f'--twin_repeats={repeats}'],
+        capture_output=True, text=True, check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
     if proc.returncode != 0 or not lines:
       raise RuntimeError(f'torch_twin --twin_alone={framework} failed (exit '

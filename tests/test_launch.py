@@ -4,8 +4,6 @@ where the system has it), and that an entry point really runs with them."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -111,9 +109,9 @@ def test_entry_point_runs_with_hugepage_malloc(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ('GLIBC_TUNABLES', 'LD_PRELOAD', 'MALLOC_CONF', launch.SWITCH,
                         launch.JEMALLOC_SWITCH)}
-    run = lambda extra: subprocess.run(
-        [sys.executable, '-m', 'experiments._launch_probe_test', 'a', '--b=c'], cwd=root,
-        env={**env, **extra}, capture_output=True, text=True, check=True, timeout=60).stdout
+    run = lambda extra: launch.run_entry_point(
+        'experiments._launch_probe_test', ['a', '--b=c'], cwd=root, env={**env, **extra},
+        capture_output=True, text=True, check=True, timeout=60).stdout
     allocator = 'jemalloc' if launch.find_jemalloc({}) else 'glibc'
     assert run({}).strip() == f"glibc.malloc.hugetlb=1 {allocator} True ['a', '--b=c']"
     assert run({launch.JEMALLOC_SWITCH: '0'}).strip() == \
