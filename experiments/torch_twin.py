@@ -6,6 +6,8 @@ Prints, for the flagfile's own sizes, full.flags' sizes and a fixed 4096 rays x 
 128x128x8x32 case, the seconds of one forward + backward (w.r.t. the fused volume, the field
 MLP's parameters and the learned background) of our jitted renderer and of the torch twin, and
 their ratio `renderer_speedup_vs_torch` = torch seconds / our seconds (> 1: ours is faster).
+With --twin_field_split, also the field MLP alone on both sides (field_speedup), which shows
+how much of the ratio the field's matmuls leave to the rest of the renderer.
 
 The twin is the same math, written the way torch code is, op for op what NSMAE.render does:
 box_near_far (slab test, near clamp), stratified samples (bin jitter, or bin centres), points,
@@ -448,17 +450,7 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
   compile_s = time.perf_counter() - t0
   twins = {lk: TorchTwin(sizes, params, inputs, lk) for lk in lookups}
   calls = {'jax': jax_call, **{lk: twin.step for lk, twin in twins.items()}}
-  times: dict[str, list[float]] = {k: [] for k in calls}
-  first: dict[str, list[float]] = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, call in calls.items():
-      for i in range(1 + warmup):
-        t0 = time.perf_counter()
-        call()
-        seconds = time.perf_counter() - t0
-        if i == 0:
-          first[k].append(seconds)
-      times[k].append(seconds)
+  times, first = _interleaved(calls, repeats, warmup)
   med = {k: statistics.median(v) for k, v in times.items()}
   best = min(lookups, key=lambda lk: med[lk])
   out = dict(jax_seconds=med['jax'], torch_seconds=med[best], torch_lookup=best,
@@ -470,6 +462,103 @@ def speedup(config_or_sizes, repeats: int = 5, seed: int = 0,
              torch_version=torch.__version__, jax_version=jax.__version__)
   out.update(sizes.describe())
   return out
+
+
+def _interleaved(calls: dict[str, Any], repeats: int, warmup: int
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Rounds of calls[k]() for each k in turn, 1 + warmup times in a row: per k, the seconds of
+  each round's last call and of its first (the call right after another one ran)."""
+  times: dict[str, list[float]] = {k: [] for k in calls}
+  first: dict[str, list[float]] = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, call in calls.items():
+      for i in range(1 + warmup):
+        t0 = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - t0
+        if i == 0:
+          first[k].append(seconds)
+      times[k].append(seconds)
+  return times, first
+
+
+# ---------------------------------------------------------------------------------------------
+# The field MLP alone
+
+
+def make_field_inputs(sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
+  """Inputs of the field MLP alone for every sample of one renderer call (N = batch x rays, S
+  samples): features [N, S, C] (what the lookup would give), points [N, S, 3] in the box, one
+  unit view direction per ray [N, 1, 3], and cotangents for the density [N, S] and colour
+  [N, S, 3] (the loss's gradient arriving from the compositing)."""
+  rng = np.random.default_rng(seed)
+  n, s, c = sizes.batch * sizes.rays, sizes.num_samples, sizes.channels
+  dirs = rng.normal(size=(n, 1, 3))
+  out = dict(features=rng.normal(size=(n, s, c)),
+             points=rng.uniform(sizes.box_min, sizes.box_max, (n, s, 3)),
+             dirs=dirs / np.linalg.norm(dirs, axis=-1, keepdims=True),
+             g_density=rng.normal(size=(n, s)), g_color=rng.normal(size=(n, s, 3)))
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def jax_field_grad_fn(sizes: Sizes):
+  """jitted (params, features, points, dirs, g_density, g_color) -> the gradients of
+  sum(density g_density) + sum(colour g_color) w.r.t. the field's params and the features (what
+  the renderer's backward asks of the field)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  field = jax_field(sizes)
+
+  def pull(params, features, points, dirs, g_density, g_color):
+    density, color = field.apply({'params': params}, features, points, dirs)
+    return jnp.sum(density * g_density) + jnp.sum(color * g_color)
+  return jax.jit(jax.grad(pull, argnums=(0, 1)))
+
+
+class TorchFieldTwin:
+  """The torch field alone (our weights copied over) on make_field_inputs' tensors, the view
+  direction repeated for every sample as torch_render passes it; `step()` is one forward +
+  backward (field params and features)."""
+
+  def __init__(self, sizes: Sizes, params: dict, field_inputs: dict[str, np.ndarray]):
+    torch = _torch()
+    self.field = make_torch_field(sizes)
+    load_flax_params(self.field, params)
+    x = {k: torch.from_numpy(v.copy()) for k, v in field_inputs.items()}
+    n, s, c = x['features'].shape
+    self.features = x['features'].reshape(n * s, c).requires_grad_(True)
+    self.points = x['points'].reshape(n * s, 3)
+    self.dirs = x['dirs'].expand(n, s, 3).reshape(n * s, 3)
+    self.g_density, self.g_color = x['g_density'].reshape(-1), x['g_color'].reshape(-1, 3)
+
+  def step(self):
+    for p in [*self.field.parameters(), self.features]:
+      p.grad = None
+    density, color = self.field(self.features, self.points, self.dirs)
+    ((density * self.g_density).sum() + (color * self.g_color).sum()).backward()
+
+
+def field_speedup(sizes: Sizes, repeats: int = 5, seed: int = 0, warmup: int = WARMUP
+                  ) -> dict[str, Any]:
+  """The field MLP alone (positional encodings, trunk, density and colour heads; forward +
+  backward w.r.t. its params and the features), ours jitted against the torch twin's, at the
+  renderer's sizes, in speedup()'s interleaved rounds: how much of the renderer's ratio the
+  field's matmuls leave to the rest (lookup, its scatter-add, sampling, compositing).
+  -> jax_field_seconds, torch_field_seconds, field_speedup_vs_torch (medians)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  params = init_params(sizes, seed)
+  field_inputs = make_field_inputs(sizes, seed)
+  grad_fn = jax_field_grad_fn(sizes)
+  args = (params, *(jnp.asarray(field_inputs[k]) for k in
+                    ('features', 'points', 'dirs', 'g_density', 'g_color')))
+  calls = {'jax': lambda: jax.block_until_ready(grad_fn(*args)),
+           'torch': TorchFieldTwin(sizes, params, field_inputs).step}
+  calls['jax']()  # compiled outside the rounds
+  times, _ = _interleaved(calls, repeats, warmup)
+  jax_s, torch_s = (statistics.median(times[k]) for k in ('jax', 'torch'))
+  return dict(jax_field_seconds=jax_s, torch_field_seconds=torch_s,
+              field_speedup_vs_torch=torch_s / jax_s)
 
 
 def time_alone(sizes: Sizes, framework: str, repeats: int = 5, seed: int = 0) -> float:
@@ -574,9 +663,18 @@ def main(argv):
     if fv.twin_alone_too:
       rows[-1].update(speedup_alone(s, repeats=fv.twin_repeats,
                                     lookup=rows[-1]['torch_lookup']))
+    if fv.twin_field_split:
+      rows[-1].update(field_speedup(s, repeats=fv.twin_repeats, warmup=fv.twin_warmup))
     print(f'{s.name}: ours {rows[-1]["jax_seconds"] * 1e3:.1f} ms, torch '
           f'{rows[-1]["torch_seconds"] * 1e3:.1f} ms', file=sys.stderr, flush=True)
   print_table(rows)
+  for r in rows:
+    if 'field_speedup_vs_torch' in r:
+      print(f'{r["size"]}: the field MLP alone (forward + backward, same rounds): ours '
+            f'{r["jax_field_seconds"] * 1e3:.1f} ms, torch {r["torch_field_seconds"] * 1e3:.1f} '
+            f'ms, speedup {r["field_speedup_vs_torch"]:.2f}; the rest of the renderer: ours '
+            f'{(r["jax_seconds"] - r["jax_field_seconds"]) * 1e3:.1f} ms, torch '
+            f'{(r["torch_seconds"] - r["torch_field_seconds"]) * 1e3:.1f} ms')
   if fv.twin_json_out:
     with open(fv.twin_json_out, 'w') as f:
       json.dump(rows, f, indent=2)
@@ -596,6 +694,9 @@ if __name__ == '__main__':
   _flags.DEFINE_string('twin_json_out', '', 'Write the rows as JSON to this file.')
   _flags.DEFINE_bool('twin_alone_too', True, 'Also time each side in a process of its own '
                      '(speedup_alone: the *_alone_seconds columns).')
+  _flags.DEFINE_bool('twin_field_split', False, 'Also time the field MLP alone, ours against '
+                     'the torch twin\'s (field_speedup: the *_field_seconds keys), and print '
+                     'what the rest of the renderer takes on each side.')
   _flags.DEFINE_string('twin_alone', '', 'Internal (speedup_alone): time only this side (jax, '
                        'grid_sample or gather) at --twin_alone_sizes, print it as JSON.')
   _flags.DEFINE_string('twin_alone_sizes', '', 'Internal: the Sizes of --twin_alone, as JSON.')

@@ -79,7 +79,12 @@ def test_gradients_agree(setup, ours, lookup):
                              atol=GRAD_ATOL * np.abs(g).max())
   np.testing.assert_allclose(twin.t['background'].grad.numpy(), np.asarray(g_background),
                              rtol=GRAD_RTOL, atol=GRAD_ATOL)
-  t_params = tt.torch_grads_as_flax(twin.field)
+  _assert_field_grads_agree(twin.field, g_params)
+
+
+def _assert_field_grads_agree(torch_field, g_params):
+  """The torch field's .grad equals our field's gradients, layer by layer."""
+  t_params = tt.torch_grads_as_flax(torch_field)
   for name, layer in g_params.items():
     for leaf in ('kernel', 'bias'):
       ref = np.asarray(layer[leaf])
@@ -144,3 +149,24 @@ def test_speedup_times_the_last_call_of_each_block(monkeypatch):
   assert r['warmup'] == 2 and r['renderer_speedup_vs_torch'] == pytest.approx(2.0, rel=0.4)
   with pytest.raises(ValueError, match='warmup'):
     tt.speedup(SIZES, repeats=1, warmup=0)
+
+
+def test_field_alone_gradients_agree(setup):
+  """field_speedup times the same math on both sides: the torch field alone (direction repeated
+  per sample) gives our field's gradients w.r.t. its params and the features."""
+  _, params = setup
+  fin = tt.make_field_inputs(SIZES, seed=5)
+  g_params, g_features = tt.jax_field_grad_fn(SIZES)(
+      params, *(jnp.asarray(fin[k]) for k in ('features', 'points', 'dirs', 'g_density',
+                                              'g_color')))
+  twin = tt.TorchFieldTwin(SIZES, params, fin)
+  twin.step()
+  ref = np.asarray(g_features)
+  assert ref.shape == fin['features'].shape and np.abs(ref).max() > 0
+  np.testing.assert_allclose(twin.features.grad.numpy().reshape(ref.shape), ref,
+                             rtol=GRAD_RTOL, atol=GRAD_ATOL * np.abs(ref).max())
+  _assert_field_grads_agree(twin.field, g_params)
+  r = tt.field_speedup(SIZES, repeats=1, warmup=1)
+  assert r['jax_field_seconds'] > 0 and r['torch_field_seconds'] > 0
+  assert r['field_speedup_vs_torch'] == pytest.approx(
+      r['torch_field_seconds'] / r['jax_field_seconds'])
