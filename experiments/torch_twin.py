@@ -542,8 +542,9 @@ def field_speedup(sizes: Sizes, repeats: int = 5, seed: int = 0, warmup: int = W
                   ) -> dict[str, Any]:
   """The field MLP alone (positional encodings, trunk, density and colour heads; forward +
   backward w.r.t. its params and the features), ours jitted against the torch twin's, at the
-  renderer's sizes, in speedup()'s interleaved rounds: how much of the renderer's ratio the
-  field's matmuls leave to the rest (lookup, its scatter-add, sampling, compositing).
+  renderer's sizes, in interleaved rounds of speedup()'s protocol (rounds of their own): how
+  much of the renderer's ratio the field's matmuls leave to the rest (lookup, its scatter-add,
+  sampling, compositing).
   -> jax_field_seconds, torch_field_seconds, field_speedup_vs_torch (medians)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -670,9 +671,10 @@ def main(argv):
   print_table(rows)
   for r in rows:
     if 'field_speedup_vs_torch' in r:
-      print(f'{r["size"]}: the field MLP alone (forward + backward, same rounds): ours '
+      print(f'{r["size"]}: the field MLP alone (forward + backward, its own rounds): ours '
             f'{r["jax_field_seconds"] * 1e3:.1f} ms, torch {r["torch_field_seconds"] * 1e3:.1f} '
-            f'ms, speedup {r["field_speedup_vs_torch"]:.2f}; the rest of the renderer: ours '
+            f'ms, speedup {r["field_speedup_vs_torch"]:.2f}; the rest of the renderer '
+            f'(difference of the medians): ours '
             f'{(r["jax_seconds"] - r["jax_field_seconds"]) * 1e3:.1f} ms, torch '
             f'{(r["torch_seconds"] - r["torch_field_seconds"]) * 1e3:.1f} ms')
   if fv.twin_json_out:
