@@ -157,8 +157,7 @@ def test_field_alone_gradients_agree(setup):
   _, params = setup
   fin = tt.make_field_inputs(SIZES, seed=5)
   g_params, g_features = tt.jax_field_grad_fn(SIZES)(
-      params, *(jnp.asarray(fin[k]) for k in ('features', 'points', 'dirs', 'g_density',
-                                              'g_color')))
+      params, {k: jnp.asarray(v) for k, v in fin.items()})
   twin = tt.TorchFieldTwin(SIZES, params, fin)
   twin.step()
   ref = np.asarray(g_features)
